@@ -1,0 +1,176 @@
+"""The `illada` command line. Every command has --help; configs take `key.sub=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from illada.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.pack.seq_len=1024")
+    p.add_argument("--root", help="run root (local path or s3:// URL); same as the override root=...")
+
+
+def _add_stage_args(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--stage", help="re-run only this stage (its inputs must be complete)")
+    which.add_argument("--from", dest="start", help="re-run this stage and every stage after it")
+    p.add_argument("--force", action="store_true", help="re-run every stage, even those up to date")
+
+
+def _config(args: argparse.Namespace):
+    overrides = list(args.overrides) + ([f"root={args.root}"] if args.root else [])
+    return load_config(args.config, overrides)
+
+
+def _pipeline_stages():
+    from pipelines.pretrain_data import STAGES
+
+    return STAGES
+
+
+def cmd_pipeline_run(args: argparse.Namespace) -> int:
+    from illada.pipeline.runner import run_pipeline
+
+    config = _config(args)
+    manifests = run_pipeline(config, _pipeline_stages(), only=args.stage, start=args.start, force=args.force)
+    _print_summary(manifests)
+    return 0
+
+
+def cmd_pipeline_status(args: argparse.Namespace) -> int:
+    from illada.pipeline.runner import pipeline_status
+
+    config = _config(args)
+    print(f"{'stage':<14}{'state':<10}{'tasks done':>11}  digest")
+    for s in pipeline_status(config, _pipeline_stages()):
+        print(f"{s.name:<14}{s.state:<10}{s.tasks_done:>11}  {(s.digest or '-')[:16]}")
+    return 0
+
+
+def _print_summary(manifests: dict[str, dict]) -> None:
+    pack = manifests.get("pack")
+    if not pack:
+        return
+    stats = pack["stats"]
+    print(f"\npacked {stats['sequences']} sequences of {stats['seq_len']} tokens ({stats['tokens']} tokens) into {len(pack['files'])} shards")
+    print(f"{'source':<20}{'weight':>8}{'documents':>11}{'sequences':>11}{'tokens':>12}")
+    for name, s in stats["sources"].items():
+        print(f"{name:<20}{stats['mix'][name]:>8.3f}{s['documents']:>11}{s['sequences']:>11}{s['tokens']:>12}")
+
+
+def cmd_submit_pipeline(args: argparse.Namespace) -> int:
+    from illada.jobs import submit_pipeline, wait_for_job
+
+    config = _config(args)
+    job_id = submit_pipeline(config, args.address, stage=args.stage, start=args.start, force=args.force, submission_id=args.job_id)
+    print(f"submitted job {job_id} to {args.address}")
+    print(f"follow it with: illada jobs logs {job_id} --address {args.address} --follow")
+    if args.wait:
+        status = wait_for_job(args.address, job_id)
+        print(f"job {job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from illada import jobs
+
+    if args.action == "status":
+        info = jobs.job_info(args.address, args.job_id)
+        print(json.dumps(info, indent=2, default=str))
+    elif args.action == "logs":
+        jobs.print_logs(args.address, args.job_id, follow=args.follow)
+    elif args.action == "stop":
+        stopped = jobs.stop_job(args.address, args.job_id)
+        print(f"job {args.job_id}: {'stop requested' if stopped else 'was not running'}")
+    elif args.action == "list":
+        for info in jobs.list_jobs(args.address):
+            print(f"{info['submission_id']:<36}{info['status']:<11}{info['entrypoint'][:80]}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from illada.config import dump_config
+
+    print(dump_config(_config(args)), end="")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from illada.quickstart import quickstart
+
+    return quickstart(args.root, args.overrides, num_cpus=args.num_cpus)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="illada", description="Train bidirectional masked-diffusion language models at scale.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quickstart", help="run the whole system on a small real corpus (the Python standard library)")
+    q.add_argument("--root", default="runs/quickstart", help="where to write everything (default: runs/quickstart)")
+    q.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    q.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    q.set_defaults(func=cmd_quickstart)
+
+    pipeline = sub.add_parser("pipeline", help="run or inspect the data pipeline").add_subparsers(dest="action", required=True, metavar="ACTION")
+    run = pipeline.add_parser("run", help="run the pipeline; up-to-date stages are skipped, interrupted ones resume")
+    _add_config_args(run)
+    _add_stage_args(run)
+    run.set_defaults(func=cmd_pipeline_run)
+    status = pipeline.add_parser("status", help="show each stage's state: complete, stale, partial or missing")
+    _add_config_args(status)
+    status.set_defaults(func=cmd_pipeline_status)
+
+    submit = sub.add_parser("submit", help="send a run to a Ray cluster as a Ray Job").add_subparsers(dest="what", required=True, metavar="WHAT")
+    sp = submit.add_parser("pipeline", help="submit the data pipeline")
+    _add_config_args(sp)
+    _add_stage_args(sp)
+    sp.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    sp.add_argument("--job-id", help="submission id (default: generated)")
+    sp.add_argument("--wait", action="store_true", help="wait for the job to finish and exit non-zero if it failed")
+    sp.set_defaults(func=cmd_submit_pipeline)
+
+    jobs = sub.add_parser("jobs", help="follow Ray Jobs: list, status, logs, stop")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?", help="submission id (not needed for list)")
+    jobs.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    jobs.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
+    jobs.set_defaults(func=cmd_jobs)
+
+    config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = config.add_parser("show", help="print the resolved config (overrides applied, secrets masked)")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "action", None) in ("status", "logs", "stop") and args.command == "jobs" and not args.job_id:
+        parser.error(f"jobs {args.action} needs a job id")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"illada: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # errors the pipeline raises for the user carry their own fix
+        from illada.data.ingest import QuarantineError
+        from illada.pipeline.runner import PipelineError
+
+        if isinstance(e, (PipelineError, QuarantineError)):
+            print(f"illada: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The one configuration system: typed pydantic models, YAML files, `key.sub=value` overrides.
+
+Every model forbids unknown keys, so a typo fails loudly with the dotted key that was
+wrong. `load_config` is the only way configs are read; `dump_config` writes the resolved
+config (secrets masked) beside every output.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def expand_vars(text: str) -> str:
+    """Expand $VAR and ${VAR} in paths; an unset variable is an error, not an empty string."""
+    expanded = os.path.expandvars(text)
+    unset = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    if unset:
+        raise ValueError(f"environment variable {unset[0]} in {text!r} is not set")
+    return expanded
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what to fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- storage and runtime -------------------------------------------------------------
+
+
+class S3Config(Strict):
+    """S3 options. Credentials may also come from the standard AWS environment variables;
+    they are never written to saved configs, manifests or logs."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    key: SecretStr | None = Field(None, exclude=True)
+    secret: SecretStr | None = Field(None, exclude=True)
+
+
+class StorageConfig(Strict):
+    s3: S3Config = S3Config()
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="Ray cluster address; None starts (or joins) a local Ray.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs for a local Ray; None uses all.")
+
+
+# --- data pipeline --------------------------------------------------------------------
+
+
+class SourceConfig(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    paths: list[str] = Field(min_length=1, description="Files, directories or globs; local or s3://.")
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    weight: float = Field(gt=0, description="Mix weight; normalised over all sources.")
+    text_field: str = "text"
+    id_field: str | None = None
+
+    @field_validator("paths")
+    @classmethod
+    def _expand(cls, paths: list[str]) -> list[str]:
+        return [expand_vars(p) for p in paths]
+
+
+class IngestConfig(Strict):
+    min_chars: int = Field(1, ge=1)
+    max_chars: int = Field(1_000_000, gt=0)
+    max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
+    rows_per_batch: int = Field(2048, gt=0, description="Documents per Arrow record batch written.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> IngestConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) must not exceed max_chars ({self.max_chars})")
+        return self
+
+
+class ExactDedupConfig(Strict):
+    enabled: bool = True
+    num_partitions: int = Field(16, gt=0, description="Hash partitions; each reducer holds 1/N of the hashes.")
+
+
+class FuzzyDedupConfig(Strict):
+    enabled: bool = True
+    n_grams: int = Field(5, gt=0)
+    num_buckets: int = Field(14, gt=0)
+    hashes_per_bucket: int = Field(8, gt=0)
+    num_partitions: int = Field(16, gt=0, description="Partitions of the duplicate graph for connected components.")
+    seed: int = 1
+
+
+class DedupConfig(Strict):
+    exact: ExactDedupConfig = ExactDedupConfig()
+    fuzzy: FuzzyDedupConfig = FuzzyDedupConfig()
+
+
+class TokenizerConfig(Strict):
+    path: str | None = Field(None, description="A tokenizer.json to load instead of training one.")
+    vocab_size: int = Field(155_136, gt=16)
+    train_sample_docs: int = Field(100_000, gt=0)
+    min_frequency: int = Field(2, ge=1)
+
+
+class TokenizeConfig(Strict):
+    batch_size: int = Field(1024, gt=0, description="Documents per encode_batch call.")
+    num_workers: int | None = Field(None, gt=0, description="Tokenizer actors; None: one per CPU.")
+
+
+class PackConfig(Strict):
+    seq_len: int = Field(8192, gt=1)
+    sequences_per_shard: int = Field(4096, gt=0)
+    zstd_level: int = Field(3, ge=1, le=22)
+
+
+class DataConfig(Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+    ingest: IngestConfig = IngestConfig()
+    dedup: DedupConfig = DedupConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    pack: PackConfig = PackConfig()
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in sources]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(duplicated)}")
+        return sources
+
+    def mix(self) -> dict[str, float]:
+        total = sum(s.weight for s in self.sources)
+        return {s.name: s.weight / total for s in self.sources}
+
+
+class Config(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    root: str = Field(description="Where every stage writes; a local path or s3:// URL.")
+
+    @field_validator("root")
+    @classmethod
+    def _expand_root(cls, root: str) -> str:
+        root = expand_vars(root).rstrip("/")
+        return root if "://" in root else os.path.abspath(root)
+    ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig
+
+
+# --- loading ----------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Read YAML (or start from `base`), apply `key.sub=value` overrides, validate."""
+    raw: dict[str, Any] = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level")
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, path)) from None
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set `a.b.0.c=value` in a nested dict; the value is parsed as YAML (so 3, true, [a, b] work)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    value = yaml.safe_load(text) if text else ""
+    parts = key.split(".")
+    _check_key_exists(Config, parts, key)
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        node = _child(node, part, create_list=nxt.isdigit(), key=key)
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _child(node: Any, part: str, create_list: bool, key: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, key)]
+    if part not in node or node[part] is None:
+        node[part] = [] if create_list else {}
+    return node[part]
+
+
+def _index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {key}: index {part} is out of range (the list has {len(node)} items)")
+    return int(part)
+
+
+def _check_key_exists(model: type[BaseModel], parts: list[str], key: str) -> None:
+    """Walk the model classes so an override typo fails with a suggestion, before validation."""
+    current: Any = model
+    for part in parts:
+        if part.isdigit():
+            continue
+        fields = getattr(current, "model_fields", None)
+        if fields is None:
+            return
+        if part not in fields:
+            hint = difflib.get_close_matches(part, list(fields), n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else f" (known: {', '.join(fields)})"
+            raise ConfigError(f"unknown config key {key!r}: no field {part!r}{suggestion}")
+        current = _model_of(fields[part].annotation)
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_validation_error(e: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = [f"invalid config{where}:"]
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key; remove it or check its spelling")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            lines.append(f"  {key}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def dump_config(config: BaseModel) -> str:
+    """YAML of the resolved config with secrets masked; safe to store beside outputs."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

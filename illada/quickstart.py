@@ -1,0 +1,43 @@
+"""`illada quickstart`: the whole system on the Python standard library, on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+import zstandard
+
+from illada.config import load_config
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def write_python_docs(path: Path) -> int:
+    """Python's documentation topics (shipped with every CPython as pydoc_data) as jsonl.zst."""
+    from pydoc_data.topics import topics
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({"id": name, "text": text}) + "\n" for name, text in sorted(topics.items()))
+    path.write_bytes(zstandard.ZstdCompressor(level=10).compress(lines.encode()))
+    return len(topics)
+
+
+def quickstart(root: str, overrides: list[str], num_cpus: int | None = None) -> int:
+    from illada.cli import _print_summary
+    from illada.pipeline.runner import run_pipeline
+    from pipelines.pretrain_data import STAGES
+
+    root_path = Path(root).resolve()
+    os.environ.setdefault("PYTHON_STDLIB", sysconfig.get_paths()["stdlib"])
+    os.environ["QUICKSTART_RAW"] = str(root_path / "raw")
+    write_python_docs(root_path / "raw" / "python_docs.jsonl.zst")
+    extra = [f"root={root_path}"] + ([f"ray.num_cpus={num_cpus}"] if num_cpus else [])
+    config = load_config(CONFIG, [*overrides, *extra])
+
+    print(f"== data pipeline -> {config.root}")
+    manifests = run_pipeline(config, STAGES)
+    _print_summary(manifests)
+    print(f"\nre-run one stage:   illada pipeline run {CONFIG.relative_to(Path.cwd()) if CONFIG.is_relative_to(Path.cwd()) else CONFIG} --root {config.root} --stage pack")
+    return 0
