@@ -127,6 +127,11 @@ def open_atomic(url: str, mode: str = "wb") -> Iterator[IO]:
         except BaseException:
             # s3fs: abort the multipart upload so nothing appears under `path`.
             getattr(f, "discard", lambda: None)()
+            # Mark it closed: otherwise its __del__ calls close(), which would flush the
+            # discarded buffer (s3fs raises from __del__; a file type whose discard keeps
+            # the buffer would upload the partial object under `path`).
+            with contextlib.suppress(AttributeError):  # io-based files have a read-only `closed`
+                f.closed = True
             raise
         f.close()
 

@@ -114,14 +114,25 @@ class StageContext:
         )
         futures = {remote.remote(self.config.storage, fn, spec): tid for tid, spec in pending.items()}
         desc = f"{self.stage}/{phase}"
+        failures: list[tuple[str, Exception]] = []
         with tqdm(total=len(specs), initial=len(results), desc=desc, unit="task", dynamic_ncols=True) as bar:
             waiting = list(futures)
             while waiting:
                 done, waiting = ray.wait(waiting, num_returns=1)
                 tid = futures[done[0]]
-                results[tid] = ray.get(done[0])
+                try:
+                    results[tid] = ray.get(done[0])
+                except Exception as e:  # let the other tasks finish and record them first
+                    failures.append((tid, e))
+                    continue
                 self.mark_done(phase, tid, results[tid])
                 bar.update(1)
+        if failures:
+            tid, error = failures[0]
+            raise RuntimeError(
+                f"{len(failures)} of {len(specs)} tasks of {desc} failed (first: {tid}): {error}. "
+                "Finished tasks are recorded; running the pipeline again resumes with the failed ones."
+            ) from error
         return results
 
     def completed(self, phase: str) -> dict[str, dict]:

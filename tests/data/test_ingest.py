@@ -1,0 +1,101 @@
+import base64
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from illada.config import IngestConfig, SourceConfig
+from illada.data.documents import read_table
+from illada.data.ingest import QuarantineError, ingest_task, plan_tasks, expand_paths
+from illada.pipeline.runner import run_pipeline
+from pipelines.pretrain_data import STAGES
+from tests.helpers import make_config, write_jsonl
+
+
+def run_ingest_task(tmp_path, source: dict, ingest: dict | None = None) -> tuple[dict, list[dict], list[dict]]:
+    source_cfg = SourceConfig.model_validate(source)
+    [task] = plan_tasks(source_cfg, expand_paths(source_cfg))
+    spec = {
+        **task,
+        "source": source_cfg.model_dump(mode="json"),
+        "ingest": IngestConfig.model_validate(ingest or {}).model_dump(mode="json"),
+        "docs_url": str(tmp_path / "out" / "docs.parquet"),
+        "quarantine_url": str(tmp_path / "out" / "quarantine.jsonl"),
+    }
+    result = ingest_task(spec)
+    docs = read_table(spec["docs_url"]).to_pylist()
+    qpath = tmp_path / "out" / "quarantine.jsonl"
+    quarantine = [json.loads(line) for line in qpath.read_text().splitlines()] if qpath.exists() else []
+    return result, docs, quarantine
+
+
+def test_every_kind_of_bad_jsonl_record_is_quarantined_with_its_reason(tmp_path):
+    records = [
+        {"text": "good one", "id": "g1", "lang": "en"},
+        b"\xff\xfe not utf-8",
+        '{"text": "truncated',
+        "[1, 2, 3]",
+        {"body": "no text field"},
+        {"text": 42},
+        {"text": "   "},
+        {"text": "x" * 101},
+        {"text": "bad id", "id": {"nested": 1}},
+        {"text": "good two", "id": 7},
+    ]
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    result, docs, quarantine = run_ingest_task(
+        tmp_path, {"name": "s", "paths": [str(path)], "weight": 1, "id_field": "id"}, {"max_chars": 100}
+    )
+    assert [d["text"] for d in docs] == ["good one", "good two"]
+    assert [d["id"] for d in docs] == ["g1", "7"]
+    assert json.loads(docs[0]["metadata"]) == {"lang": "en"}
+    reasons = [q["reason"] for q in quarantine]
+    assert reasons == ["invalid_utf8", "bad_json", "not_an_object", "missing_text", "missing_text", "empty", "too_long", "bad_id"]
+    assert result["quarantined"] == {"invalid_utf8": 1, "bad_json": 1, "not_an_object": 1, "missing_text": 2, "empty": 1, "too_long": 1, "bad_id": 1}
+    assert result["records"] == 10 and result["documents"] == 2
+    # Nothing is lost: the raw record is kept, bytes included, with its location.
+    assert base64.b64decode(quarantine[0]["raw_base64"]) == b"\xff\xfe not utf-8"
+    assert quarantine[1]["raw"] == '{"text": "truncated' and quarantine[1]["location"] == "in.jsonl:3"
+
+
+def test_compressed_jsonl_parquet_and_text_files_are_read(tmp_path):
+    write_jsonl(tmp_path / "z" / "a.jsonl.zst", [{"text": "zstd doc"}], compress=True)
+    pq.write_table(pa.table({"content": ["pq doc", None], "k": [1, 2]}), tmp_path / "z" / "b.parquet")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "one.txt").write_text("text file one")
+    (tmp_path / "t" / "two.txt").write_bytes(b"\xc3\x28 broken")
+
+    _, docs, _ = run_ingest_task(tmp_path, {"name": "z", "paths": [str(tmp_path / "z" / "*.zst")], "weight": 1})
+    assert [d["text"] for d in docs] == ["zstd doc"]
+
+    _, docs, quarantine = run_ingest_task(tmp_path, {"name": "p", "paths": [str(tmp_path / "z" / "b.parquet")], "weight": 1, "text_field": "content"})
+    assert [d["text"] for d in docs] == ["pq doc"] and json.loads(docs[0]["metadata"]) == {"k": 1}
+    assert [q["reason"] for q in quarantine] == ["missing_text"] and quarantine[0]["raw"] == {"content": None, "k": 2}
+
+    _, docs, quarantine = run_ingest_task(tmp_path, {"name": "t", "paths": [str(tmp_path / "t")], "weight": 1})
+    assert [(d["id"], d["text"]) for d in docs] == [("one.txt", "text file one")]
+    assert [q["reason"] for q in quarantine] == ["invalid_utf8"]
+
+
+def test_parquet_without_the_text_column_is_quarantined(tmp_path):
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "b.parquet")
+    result, docs, quarantine = run_ingest_task(tmp_path, {"name": "p", "paths": [str(tmp_path / "b.parquet")], "weight": 1})
+    assert docs == [] and quarantine[0]["reason"] == "missing_text"
+
+
+def test_stage_fails_with_a_clear_message_past_the_quarantine_bound(tmp_path, ray_local):
+    path = write_jsonl(tmp_path / "raw" / "bad.jsonl", [{"text": "ok"}, "not json", "also not json"])
+    config = make_config(tmp_path / "run", [{"name": "bad", "paths": [str(path)], "weight": 1}], ["data.ingest.max_quarantine_fraction=0.5"])
+    with pytest.raises(QuarantineError) as err:
+        run_pipeline(config, STAGES)
+    message = str(err.value)
+    assert "source 'bad': 2 of 3 records (66.7%)" in message
+    assert "bad_json: 2" in message and "quarantine/bad/00000.jsonl" in message
+    assert not (tmp_path / "run" / "ingest" / "manifest.json").exists()
+
+
+def test_missing_input_path_names_the_source(tmp_path):
+    source = SourceConfig(name="gone", paths=[str(tmp_path / "nope.jsonl")], weight=1)
+    with pytest.raises(FileNotFoundError, match="source 'gone': nothing at"):
+        expand_paths(source)

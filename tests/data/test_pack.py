@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+
+from illada.data.documents import read_table
+from illada.data.pack import Packer
+from illada.data.shards import read_sequences
+from illada.pipeline.runner import run_pipeline
+from pipelines.pretrain_data import STAGES
+from tests.helpers import make_config, write_jsonl
+
+
+def test_packer_keeps_every_token_and_marks_document_ends():
+    rng = np.random.default_rng(0)
+    docs = [(f"d{i}", rng.integers(10, 100, size=n).astype(np.int32)) for i, n in enumerate([5, 17, 3, 40, 1, 9])]
+    packer = Packer(seq_len=8)
+    sequences = list(packer.feed(docs))
+    padded = packer.flush_padded(pad_id=0)
+    assert all(len(t) == 8 for t, _, _ in sequences)
+    tokens, ends, ids, pad = padded
+    assert len(tokens) == 8 and pad == 8 - ends[-1]
+    stream = np.concatenate([t for t, _, _ in sequences] + [tokens[: 8 - pad]])
+    assert np.array_equal(stream, np.concatenate([d for _, d in docs]))
+    # A document that runs across sequences appears in each; ends are exclusive offsets.
+    first_tokens, first_ends, first_ids = sequences[0]
+    assert first_ids == ["d0", "d1"] and first_ends == [5, 8]
+    assert sequences[1][2] == ["d1"] and sequences[1][1] == [8]
+
+
+def test_packer_remainder_continues_in_a_second_packer():
+    docs = [("a", np.arange(10, dtype=np.int32)), ("b", np.arange(7, dtype=np.int32))]
+    first = Packer(seq_len=6)
+    assert len(list(first.feed(docs))) == 2
+    rest = first.remainder()
+    assert [i for i, _ in rest] == ["b"] and sum(len(t) for _, t in rest) == 5
+    second = Packer(seq_len=6)
+    assert list(second.feed(rest)) == []
+    tokens, ends, ids, pad = second.flush_padded(pad_id=-1)
+    assert pad == 1 and ids == ["b"] and tokens[-1] == -1
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("packed")
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+
+    def doc():
+        return " ".join(rng.choice(words, size=rng.integers(3, 60)))
+
+    write_jsonl(tmp / "a" / "1.jsonl", [{"text": doc()} for _ in range(50)])
+    write_jsonl(tmp / "a" / "2.jsonl", [{"text": doc()} for _ in range(31)])
+    write_jsonl(tmp / "b" / "1.jsonl.zst", [{"text": doc()} for _ in range(12)], compress=True)
+    config = make_config(
+        tmp / "run",
+        [{"name": "a", "paths": [str(tmp / "a")], "weight": 2}, {"name": "b", "paths": [str(tmp / "b" / "*.zst")], "weight": 1}],
+    )
+    return config, run_pipeline(config, STAGES)
+
+
+def test_shards_hold_every_token_of_every_document_per_source(packed):
+    config, manifests = packed
+    pack, tokenize = manifests["pack"], manifests["tokenize"]
+    special = pack["stats"]["special_ids"]
+    for source in ("a", "b"):
+        docs = []
+        for f in tokenize["files"]:
+            if f["source"] == source:
+                docs += read_table(f"{config.root}/{f['path']}").to_pylist()
+        expected = np.concatenate([np.array(d["tokens"] + [special["eot"]], dtype=np.int32) for d in docs])
+        shards = [f for f in pack["files"] if f["source"] == source]
+        tables = [read_sequences(f"{config.root}/{f['path']}") for f in shards]
+        rows = [r for t in tables for r in t.to_pylist()]
+        assert all(len(r["tokens"]) == 32 and r["source"] == source for r in rows)
+        assert sum(r["pad"] > 0 for r in rows) <= 1  # only the very last sequence of a source is padded
+        stream = np.concatenate([np.array(r["tokens"][: 32 - r["pad"]], dtype=np.int32) for r in rows])
+        assert np.array_equal(np.sort(stream), np.sort(expected)) and len(stream) == len(expected)
+        s = pack["stats"]["sources"][source]
+        assert s["tokens"] == len(expected) == tokenize["stats"]["sources"][source]["tokens"] + len(docs)
+        assert s["documents"] == len(docs) and s["sequences"] == len(rows)
+
+
+def test_manifest_lists_checksummed_zstd_shards(packed):
+    import pyarrow as pa
+
+    from illada import storage
+
+    config, manifests = packed
+    pack = manifests["pack"]
+    assert pack["stats"]["mix"] == {"a": 2 / 3, "b": 1 / 3}
+    assert pack["stats"]["special_ids"]["mask"] == 5
+    for f in pack["files"]:
+        url = f"{config.root}/{f['path']}"
+        assert storage.sha256_file(url) == f["sha256"]
+        reader = pa.ipc.open_file(url)
+        assert reader.schema.field("tokens").type == pa.list_(pa.int32(), 32)
+        assert reader.get_batch(0).num_rows > 0
+        with open(url, "rb") as raw:
+            assert b"\x28\xb5\x2f\xfd" in raw.read()  # zstd frame magic: buffers are zstd-compressed
