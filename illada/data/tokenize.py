@@ -34,11 +34,7 @@ TOKENS_SCHEMA = pa.schema(
 def encode(tokenizer: Tokenizer, texts: list[str]) -> pa.LargeListArray:
     """Token ids of each text, as one Arrow list array (no per-token Python objects)."""
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-    offsets = np.zeros(len(encodings) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int32, count=int(offsets[-1]))
-    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return pa.array([e.ids for e in encodings], type=pa.large_list(pa.int32()))
 
 
 class TokenizeFiles:
