@@ -2,18 +2,22 @@
 
 Each row is one training sequence of exactly `seq_len` token ids, with the document
 segments it holds (ids and end offsets), its source, and how many trailing tokens are
-padding. Record batches are small so a reader can fetch one sequence without
-decompressing the whole shard.
+padding. Every record batch of a shard holds ROWS_PER_BATCH rows except the shard's
+last, so a reader finds row r in batch r // ROWS_PER_BATCH and decompresses only that
+batch, never the whole shard.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from illada import storage
 
-ROWS_PER_BATCH = 64
+ROWS_PER_BATCH = 16
 
 
 def sequence_schema(seq_len: int) -> pa.Schema:
@@ -25,7 +29,7 @@ def sequence_schema(seq_len: int) -> pa.Schema:
             pa.field("source", pa.string(), nullable=False),
             pa.field("pad", pa.int32(), nullable=False),
         ],
-        metadata={"illada.format": "packed-sequences/1", "seq_len": str(seq_len)},
+        metadata={"illada.format": "packed-sequences/1", "seq_len": str(seq_len), "rows_per_batch": str(ROWS_PER_BATCH)},
     )
 
 
@@ -40,22 +44,26 @@ class ShardWriter:
         self.options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=zstd_level))
         self.shards: list[dict] = []
         self._rows: list[dict] = []
-        self._open: list = []  # [atomic context, hashing writer, ipc writer, info]
+        self._open: _OpenShard | None = None
 
     def write(self, tokens: np.ndarray, doc_ends: list[int], doc_ids: list[str], source: str, pad: int = 0) -> None:
         assert len(tokens) == self.seq_len, (len(tokens), self.seq_len)
         self._rows.append({"tokens": tokens, "doc_ends": doc_ends, "doc_ids": doc_ids, "source": source, "pad": pad})
         if len(self._rows) >= ROWS_PER_BATCH:
-            self._flush()
+            self._flush(final=False)
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool) -> None:
+        """Write full batches (a shorter one only to end a shard, or when `final`)."""
         while self._rows:
-            if not self._open:
+            if self._open is None:
                 self._start_shard()
-            info = self._open[3]
-            take = min(len(self._rows), self.per_shard - info["sequences"], ROWS_PER_BATCH)
+            info = self._open.info
+            take = min(self.per_shard - info["sequences"], ROWS_PER_BATCH)
+            if len(self._rows) < take and not final:
+                return
+            take = min(take, len(self._rows))
             rows, self._rows = self._rows[:take], self._rows[take:]
-            self._open[2].write_batch(self._batch(rows))
+            self._open.ipc.write_batch(self._batch(rows))
             info["sequences"] += take
             info["tokens"] += sum(self.seq_len - r["pad"] for r in rows)
             info["pad"] += sum(r["pad"] for r in rows)
@@ -79,21 +87,29 @@ class ShardWriter:
         url = f"{self.prefix}-{len(self.shards):04d}.arrow"
         atomic = storage.open_atomic(url)
         hashing = storage.HashingWriter(atomic.__enter__())
-        writer = pa.ipc.new_file(hashing, self.schema, options=self.options)
-        self._open = [atomic, hashing, writer, {"url": url, "sequences": 0, "tokens": 0, "pad": 0}]
+        ipc = pa.ipc.new_file(hashing, self.schema, options=self.options)
+        self._open = _OpenShard(atomic, hashing, ipc, {"url": url, "sequences": 0, "tokens": 0, "pad": 0})
 
     def _finish_shard(self) -> None:
-        atomic, hashing, writer, info = self._open
-        writer.close()
-        atomic.__exit__(None, None, None)
-        self.shards.append({**info, "sha256": hashing.hexdigest(), "bytes": hashing.bytes_written})
-        self._open = []
+        shard = self._open
+        shard.ipc.close()
+        shard.atomic.__exit__(None, None, None)
+        self.shards.append({**shard.info, "sha256": shard.hashing.hexdigest(), "bytes": shard.hashing.bytes_written})
+        self._open = None
 
     def close(self) -> list[dict]:
-        self._flush()
-        if self._open:
+        self._flush(final=True)
+        if self._open is not None:
             self._finish_shard()
         return self.shards
+
+
+@dataclass
+class _OpenShard:
+    atomic: Any  # the storage.open_atomic context: the file appears when it exits
+    hashing: storage.HashingWriter
+    ipc: pa.ipc.RecordBatchFileWriter
+    info: dict
 
 
 def open_shard(url: str) -> pa.ipc.RecordBatchFileReader:
