@@ -7,6 +7,7 @@ credentials), so what runs there is exactly what was resolved here.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -28,9 +29,28 @@ def _stage_working_dir(config: Config) -> Path:
     staging = Path(tempfile.mkdtemp(prefix="illada-job-"))
     for package in PACKAGES:
         shutil.copytree(REPO / package, staging / package, ignore=shutil.ignore_patterns("__pycache__"))
-    job_config = config.model_copy(update={"ray": config.ray.model_copy(update={"address": None})})
+    update = {"ray": config.ray.model_copy(update={"address": None})}
+    if config.data is not None:
+        update["data"] = _absolute_paths(config.data)
+    job_config = config.model_copy(update=update)
     (staging / "job_config.yaml").write_text(dump_config(job_config))
     return staging
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path or os.path.isabs(path) else os.path.abspath(path)
+
+
+def _absolute_paths(data):
+    """Relative local paths made absolute as they are meant here: the job's driver runs in
+    the staged folder, where they would point at nothing (the root is already absolute)."""
+    tokenizer = data.tokenizer.path
+    return data.model_copy(
+        update={
+            "sources": [s.model_copy(update={"paths": [_absolute(p) for p in s.paths]}) for s in data.sources],
+            "tokenizer": data.tokenizer.model_copy(update={"path": _absolute(tokenizer) if tokenizer else None}),
+        }
+    )
 
 
 def submit_pipeline(config: Config, address: str, *, stage=None, start=None, force=False, submission_id=None) -> str:

@@ -47,7 +47,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     # Plain pickle bytes both ways: torch's multiprocessing pickler would pass tensors as
     # shared-memory handles, which die with the child that made them.
     call = pickle.dumps((fn, args))
-    procs = [ctx.Process(target=_child, args=(call, rank, world_size, port, results), daemon=True) for rank in range(world_size)]
+    procs = [ctx.Process(target=_child, args=(call, rank, world_size, port, results), daemon=False) for rank in range(world_size)]
     for p in procs:
         p.start()
     try:

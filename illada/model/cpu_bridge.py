@@ -28,6 +28,7 @@ def enable_if_no_gpu() -> bool:
         _patch_torch_cuda()
         _patch_cuda_factories()
         _patch_rng_tracker()
+        _patch_grad_clipping()
         _enabled = True
     return True
 
@@ -48,10 +49,15 @@ def _patch_cuda_factories() -> None:
     # The forward-backward schedules count tokens in torch.zeros([], device="cuda"), and the
     # stock causal mask (used by the causal control in the tests) is torch.ones(..., device=
     # "cuda"). Give these modules (only) a torch whose tensor factories put "cuda" on the CPU.
+    # The optimizer wrappers keep their loss scale and overflow flags, and gradient clipping
+    # (with megatron's torch fallback of the multi-tensor L2 norm, in core.utils) its norm,
+    # in such tensors too.
+    from megatron.core import utils as core_utils
+    from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.transformer import utils
 
-    for module in (schedules, utils):
+    for module in (schedules, utils, optimizer, clip_grads, core_utils):
         module.torch = _torch_with_cpu_factories()
 
 
@@ -86,3 +92,20 @@ def _patch_rng_tracker() -> None:
 
     random.initialize_rng_tracker = initialize_rng_tracker
     initialize_rng_tracker(force_reset=True)
+
+
+def _patch_grad_clipping() -> None:
+    # Clipping scales the gradients in place after asserting they are torch.cuda.FloatTensor;
+    # the norm itself (megatron's torch fallback of the multi-tensor L2 norm) runs on the CPU
+    # as it is. Scale with torch's foreach kernel instead, keeping megatron's rule.
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32

@@ -54,6 +54,7 @@ def run_pipeline(
     """Run the stages in order and return every stage's manifest."""
     from illada.ray_runtime import ensure_ray
 
+    config.require("data")
     _check_stage_name(stages, only)
     _check_stage_name(stages, start)
     storage.configure(config.storage)
@@ -106,6 +107,7 @@ def _run_stage(config: Config, stage: Stage, upstream: dict[str, dict], fingerpr
 
 
 def pipeline_status(config: Config, stages: list[Stage]) -> list[StageStatus]:
+    config.require("data")
     storage.configure(config.storage)
     out: list[StageStatus] = []
     manifests: dict[str, dict] = {}
