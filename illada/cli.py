@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from illada.config import ConfigError, load_config
+
+log = logging.getLogger("illada")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -95,6 +98,26 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_under_torchrun(args)
+    from illada.parallel import destroy_parallel
+    from illada.train.trainer import train_loop
+
+    config = _config(args)
+    state = train_loop(config)
+    destroy_parallel()
+    log.info("trained %d steps; tokens per source: %s", state.step, state.tokens_per_source)
+    return 0
+
+
+def _relaunch_under_torchrun(args: argparse.Namespace) -> int:
+    """`illada train --nproc-per-node N` on one machine is torchrun with N processes."""
+    argv = ["train", args.config, *args.overrides] + (["--root", args.root] if args.root else [])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}"]
+    os.execv(sys.executable, [*torchrun, "-m", "illada.cli", *argv])
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from illada.config import dump_config
 
@@ -144,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
     jobs.set_defaults(func=cmd_jobs)
 
+    tr = sub.add_parser(
+        "train",
+        help="pre-train with megatron-core (run it under torchrun, or give --nproc-per-node)",
+        description="Train the model of CONFIG's model section on the pack stage's shards. Resumes from the "
+        "latest complete checkpoint under train.checkpoint.dir. Multi-process: torchrun --nproc-per-node N "
+        "-m illada.cli train CONFIG, or --nproc-per-node N here on one machine.",
+    )
+    _add_config_args(tr)
+    tr.add_argument("--nproc-per-node", type=int, default=1, help="start this many processes with torchrun (one machine)")
+    tr.set_defaults(func=cmd_train)
+
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True, metavar="ACTION")
     show = config.add_parser("show", help="print the resolved config (overrides applied, secrets masked)")
     _add_config_args(show)
@@ -156,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "action", None) in ("status", "logs", "stop") and args.command == "jobs" and not args.job_id:
         parser.error(f"jobs {args.action} needs a job id")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet = int(os.environ.get("RANK", 0)) > 0  # one log per job, from global rank 0
+    level = logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:

@@ -36,6 +36,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+from illada.model.config import ModelConfig  # noqa: E402  (it builds on Strict)
+
+
 # --- storage and runtime -------------------------------------------------------------
 
 
@@ -147,6 +150,59 @@ class DataConfig(Strict):
         return {s.name: s.weight / total for s in self.sources}
 
 
+# --- training -----------------------------------------------------------------------------
+
+
+class ParallelConfig(Strict):
+    tensor: int = Field(1, gt=0, description="Tensor-parallel size.")
+    pipeline: int = Field(1, gt=0, description="Pipeline-parallel size; data parallel is world / (tensor x pipeline).")
+    sequence_parallel: bool = False
+
+
+class OptimConfig(Strict):
+    """AdamW with a Warmup-Stable-Decay schedule: linear warm-up, constant, cosine decay."""
+
+    lr: float = Field(4e-4, gt=0)
+    min_lr: float = Field(4e-5, ge=0)
+    warmup_steps: int = Field(2000, ge=0)
+    decay_steps: int = Field(0, ge=0, description="Cosine decay over the last N steps (WSD); 0: no decay.")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 turns clipping off.")
+
+
+class CheckpointConfig(Strict):
+    dir: str | None = Field(None, description="Default: <root>/checkpoints.")
+    interval: int = Field(1000, gt=0)
+    keep_last: int = Field(3, gt=0)
+
+
+class TrainConfig(Strict):
+    data_root: str | None = Field(None, description="Root of a data-pipeline run (its pack/manifest.json is read); default: root.")
+    mix: dict[str, float] | None = Field(None, description="Source weights; default: the data config's mix.")
+    steps: int = Field(gt=0)
+    micro_batch_size: int = Field(1, gt=0)
+    global_batch_size: int = Field(gt=0)
+    seed: int = 1234
+    random_length_fraction: float = Field(0.01, ge=0, le=1)
+    bf16: bool = Field(True, description="bf16 on GPU; CPU runs in fp32.")
+    log_interval: int = Field(10, gt=0)
+    init_from: str | None = Field(None, description="A checkpoint whose weights start this run (not its optimizer).")
+    parallel: ParallelConfig = ParallelConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @field_validator("data_root")
+    @classmethod
+    def _expand_data_root(cls, root: str | None) -> str | None:
+        if root is None:
+            return None
+        root = expand_vars(root).rstrip("/")
+        return root if "://" in root else os.path.abspath(root)
+
+
 class Config(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     root: str = Field(description="Where every stage writes; a local path or s3:// URL.")
@@ -156,9 +212,25 @@ class Config(Strict):
     def _expand_root(cls, root: str) -> str:
         root = expand_vars(root).rstrip("/")
         return root if "://" in root else os.path.abspath(root)
+
     ray: RayConfig = RayConfig()
     storage: StorageConfig = StorageConfig()
-    data: DataConfig
+    data: DataConfig | None = None
+    model: ModelConfig | None = None
+    train: TrainConfig | None = None
+
+    def require(self, *sections: str) -> Config:
+        """Fail with a clear message when a command needs a section the config lacks."""
+        missing = [s for s in sections if getattr(self, s) is None]
+        if missing:
+            raise ConfigError(f"config {self.name!r} has no {', '.join(missing)} section; this command needs it")
+        return self
+
+    @model_validator(mode="after")
+    def _train_reads_own_root_by_default(self) -> Config:
+        if self.train is not None and self.train.data_root is None:
+            self.train.data_root = self.root
+        return self
 
 
 # --- loading ----------------------------------------------------------------------------
