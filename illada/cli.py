@@ -26,6 +26,14 @@ def _add_stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="re-run every stage, even those up to date")
 
 
+def _add_submit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    p.add_argument("--job-id", help="submission id (default: generated)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish and exit non-zero if it failed")
+    p.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600, metavar="SECONDS", help="with --wait: give up waiting after this long (the job keeps running)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="an environment variable for every process of the job (repeatable), e.g. NCCL_DEBUG=INFO")
+
+
 def _config(args: argparse.Namespace):
     overrides = list(args.overrides) + ([f"root={args.root}"] if args.root else [])
     return load_config(args.config, overrides)
@@ -68,14 +76,42 @@ def _print_summary(manifests: dict[str, dict]) -> None:
 
 
 def cmd_submit_pipeline(args: argparse.Namespace) -> int:
-    from illada.jobs import submit_pipeline, wait_for_job
+    from illada.jobs import submit_pipeline
 
     config = _config(args)
-    job_id = submit_pipeline(config, args.address, stage=args.stage, start=args.start, force=args.force, submission_id=args.job_id)
+    env = _env_vars(args.env)
+    return _submitted(args, submit_pipeline(config, args.address, stage=args.stage, start=args.start, force=args.force, submission_id=args.job_id, env=env))
+
+
+def cmd_submit_train(args: argparse.Namespace) -> int:
+    from illada.jobs import submit_train
+
+    config = _config(args).require("model", "train")
+    env = _env_vars(args.env)
+    return _submitted(args, submit_train(config, args.address, submission_id=args.job_id, image=args.image, env=env))
+
+
+def _env_vars(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env {pair!r} must look like KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def _submitted(args: argparse.Namespace, job_id: str) -> int:
+    from illada.jobs import wait_for_job
+
     print(f"submitted job {job_id} to {args.address}")
     print(f"follow it with: illada jobs logs {job_id} --address {args.address} --follow")
     if args.wait:
-        status = wait_for_job(args.address, job_id)
+        try:
+            status = wait_for_job(args.address, job_id, timeout_s=args.wait_timeout)
+        except TimeoutError as e:
+            print(f"illada: {e}", file=sys.stderr)
+            return 1
         print(f"job {job_id}: {status}")
         return 0 if status == "SUCCEEDED" else 1
     return 0
@@ -155,10 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp = submit.add_parser("pipeline", help="submit the data pipeline")
     _add_config_args(sp)
     _add_stage_args(sp)
-    sp.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
-    sp.add_argument("--job-id", help="submission id (default: generated)")
-    sp.add_argument("--wait", action="store_true", help="wait for the job to finish and exit non-zero if it failed")
+    _add_submit_args(sp)
     sp.set_defaults(func=cmd_submit_pipeline)
+    st = submit.add_parser(
+        "train",
+        help="submit pre-training: one worker per GPU, restarted from the latest checkpoint on failure",
+        description="Train the model of CONFIG's model section on a Ray cluster as a Ray Job: one worker per GPU "
+        "(per train.cluster.cpus_per_worker CPUs without GPUs) in a placement group packed per node. The job "
+        "checks the run against the cluster first and fails in seconds if it cannot start; a worker or node that "
+        "dies restarts the whole group from the latest complete checkpoint, up to train.cluster.max_failures times. "
+        "See runbooks/submit-training.md.",
+    )
+    _add_config_args(st)
+    _add_submit_args(st)
+    st.add_argument("--image", help="run the job in this container image (Ray's image_uri; needs podman on the nodes) instead of a working dir with this checkout's code")
+    st.set_defaults(func=cmd_submit_train)
 
     jobs = sub.add_parser("jobs", help="follow Ray Jobs: list, status, logs, stop")
     jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
@@ -193,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet = int(os.environ.get("RANK", 0)) > 0  # one log per job, from global rank 0
     level = logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:

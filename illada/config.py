@@ -179,6 +179,18 @@ class CheckpointConfig(Strict):
     keep_last: int = Field(3, gt=0)
 
 
+class ClusterConfig(Strict):
+    """Training as a Ray job (`illada submit train`): one worker process per GPU, or per
+    cpus_per_worker CPUs on a CPU-only cluster; on a failure the whole group restarts from
+    the latest complete checkpoint."""
+
+    workers: int | None = Field(None, gt=0, description="World size; default: every GPU of the cluster (every cpus_per_worker CPUs without GPUs).")
+    use_gpu: bool | None = Field(None, description="Default: GPUs if the cluster has any.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved for each worker (data reading, the checkpoint writer).")
+    max_failures: int = Field(3, ge=-1, description="Restarts after a worker or node failure before the job fails; -1: no limit.")
+    resource_wait_s: float = Field(0, ge=0, description="Wait this long for nodes still joining before failing for lack of GPUs/CPUs.")
+
+
 class TrainConfig(Strict):
     data_root: str | None = Field(None, description="Root of a data-pipeline run (its pack/manifest.json is read); default: root.")
     mix: dict[str, float] | None = Field(None, description="Source weights; default: the data config's mix.")
@@ -190,9 +202,16 @@ class TrainConfig(Strict):
     bf16: bool = Field(True, description="bf16 on GPU; CPU runs in fp32.")
     log_interval: int = Field(10, gt=0)
     init_from: str | None = Field(None, description="A checkpoint whose weights start this run (not its optimizer).")
+    exit_after_steps: int | None = Field(
+        None, gt=0, description="Stop this run after N steps with a checkpoint (to fit a scheduler's time limit); the next run resumes."
+    )
     parallel: ParallelConfig = ParallelConfig()
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    collective_timeout_s: float = Field(
+        600, gt=0, description="A collective waiting longer raises (a hung worker becomes a failure; on Ray, a restart)."
+    )
+    cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("data_root")
     @classmethod

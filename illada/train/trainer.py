@@ -2,9 +2,10 @@
 
 One process per device, started by torchrun (or by Ray in the cluster path). Each step:
 this rank's slice of the global batch is cut into micro-batches, each noised with a
-generator seeded by (seed, step, micro-batch, data-parallel rank) — so a resumed run sees
-the same masks — and run through megatron's pipeline schedule; megatron's DDP reduces
-the gradients and its optimizer (AdamW, clipping) steps under a WSD schedule.
+generator seeded by (seed, step, its place in the global batch) — so a resumed run, or a
+run at another parallel layout, sees the same masks — and run through megatron's pipeline
+schedule; megatron's DDP reduces the gradients and its optimizer (AdamW, clipping) steps
+under a WSD schedule.
 """
 
 from __future__ import annotations
@@ -44,9 +45,8 @@ class TrainState:
 
 @dataclass
 class Batch:
-    input: torch.Tensor  # noised tokens
-    labels: torch.Tensor  # clean tokens
-    noised: Noised
+    clean: torch.Tensor  # the labels
+    noised: Noised  # noised.tokens is the input
 
 
 def data_manifest(train: TrainConfig) -> dict:
@@ -117,23 +117,27 @@ def build(config: Config):
 
 
 def micro_batches(tokens: np.ndarray, train: TrainConfig, step: int, mask_id: int, device) -> list[Batch]:
-    dp_rank = parallel_state.get_data_parallel_rank()
+    """Noise this rank's rows in micro-batches. Each micro-batch's generator is seeded by its
+    index in the global batch, so the masks do not depend on the parallel layout: DP=2 sees
+    what DP=1 sees, and a resumed run what an uninterrupted one saw."""
+    first = parallel_state.get_data_parallel_rank() * len(tokens)
     out = []
     for m in range(0, len(tokens), train.micro_batch_size):
-        g = torch.Generator().manual_seed(stable_seed(train.seed, step, m, dp_rank))
+        g = torch.Generator().manual_seed(stable_seed(train.seed, step, first + m))
         clean = random_length(torch.from_numpy(tokens[m : m + train.micro_batch_size]), train.random_length_fraction, g)
         noised = add_noise(clean, mask_id, g)
-        out.append(Batch(noised.tokens.to(device), clean.to(device), Noised(noised.tokens.to(device), noised.masked.to(device), noised.p.to(device))))
+        out.append(Batch(clean.to(device), Noised(noised.tokens.to(device), noised.masked.to(device), noised.p.to(device))))
     return out
 
 
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
-    token_ce = model(input_ids=batch.input, position_ids=None, attention_mask=None, labels=batch.labels)
+    token_ce = model(input_ids=batch.noised.tokens, position_ids=None, attention_mask=None, labels=batch.clean)
 
     def loss_func(output: torch.Tensor):
         loss = diffusion_loss(output.float(), batch.noised)
-        return loss, {"loss": loss.detach()}
+        # A copy: megatron divides the returned loss by the micro-batch count in place.
+        return loss, {"loss": loss.detach().clone()}
 
     return token_ce, loss_func
 
@@ -164,13 +168,12 @@ def train_loop(config: Config, on_step=None) -> TrainState:
 
     config.require("model", "train")
     train, model_cfg = config.train, config.model
-    init_parallel(train.parallel.tensor, train.parallel.pipeline, train.seed)
+    init_parallel(train.parallel.tensor, train.parallel.pipeline, train.seed, timeout_s=train.collective_timeout_s)
     storage.configure(config.storage)
     manifest = data_manifest(train)
     check_data_fits_model(manifest, model_cfg)
     mix = train.mix or manifest["stats"]["mix"]
     dp_size = parallel_state.get_data_parallel_world_size()
-    per_rank = train.global_batch_size // dp_size
     if train.global_batch_size % (dp_size * train.micro_batch_size):
         raise ValueError(
             f"train.global_batch_size ({train.global_batch_size}) must be divisible by data-parallel size ({dp_size}) "
@@ -184,9 +187,10 @@ def train_loop(config: Config, on_step=None) -> TrainState:
 
     seq_len = manifest["stats"]["seq_len"]
     mask_id = manifest["stats"]["special_ids"]["mask"]
-    metrics = MetricsLogger(config, flops_per_token(model_cfg, seq_len), peak_flops())
+    metrics = MetricsLogger(config, flops_per_token(model_cfg, seq_len), peak_flops(), data_manifest=manifest, mix=mix, parent=checkpointer.parent)
     forward_backward = get_forward_backward_func()
-    while state.step < train.steps:
+    last_step = min(train.steps, state.step + (train.exit_after_steps or train.steps))
+    while state.step < last_step:
         start = time.perf_counter()
         before = dict(data.tokens_seen)
         batches = micro_batches(data.next_batch(train.global_batch_size), train, state.step, mask_id, _device())
@@ -197,7 +201,7 @@ def train_loop(config: Config, on_step=None) -> TrainState:
             data_iterator=iter(batches),
             model=[model],
             num_microbatches=len(batches),
-            seq_length=max(b.input.shape[1] for b in batches),
+            seq_length=max(b.clean.shape[1] for b in batches),
             micro_batch_size=train.micro_batch_size,
             forward_only=False,
         )
@@ -213,7 +217,7 @@ def train_loop(config: Config, on_step=None) -> TrainState:
         metrics.log_step(state.step, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, train.global_batch_size * seq_len, time.perf_counter() - start, state.tokens_per_source)
         if on_step:
             on_step(state.step, loss)
-        if state.step % train.checkpoint.interval == 0 or state.step == train.steps:
+        if state.step % train.checkpoint.interval == 0 or state.step == last_step:
             path = checkpointer.save(model, optimizer, scheduler, data, state)
             metrics.log_checkpoint(path)
     metrics.close()
