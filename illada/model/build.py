@@ -23,6 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from illada.model.attention import SDPAttention
 from illada.model.config import ModelConfig
 
 
@@ -93,9 +94,11 @@ class RMSNorm(torch.nn.RMSNorm):
 
 
 def bidirectional_layer_spec() -> ModuleSpec:
-    """The local (megatron-core only) layer spec with the causal mask switched off."""
+    """The local (megatron-core only) layer spec with the causal mask switched off and SDPA
+    as the core attention."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec

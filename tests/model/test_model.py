@@ -117,6 +117,32 @@ def test_last_token_reaches_the_first_position_only_without_a_causal_mask(causal
         assert changed > 1e-4
 
 
+def _logits_with_both_core_attentions(rank: int, cfg: ModelConfig):
+    """Logits of the same weights with SDPA (ours) and megatron's DotProductAttention."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from illada.model.build import forward_logits
+    from illada.parallel import destroy_parallel
+
+    model = _build(cfg)
+    tokens = _tokens(cfg)
+    with torch.no_grad():
+        ours = forward_logits(model, tokens)
+        for layer in model.decoder.layers:
+            attention = layer.self_attention
+            attention.core_attention = DotProductAttention(
+                config=attention.config, layer_number=attention.layer_number, attn_mask_type=attention.attn_mask_type, attention_type="self"
+            )
+        megatrons = forward_logits(model, tokens)
+    destroy_parallel()
+    return ours, megatrons
+
+
+def test_sdpa_core_attention_computes_what_megatrons_does():
+    [(ours, megatrons)] = run_distributed(_logits_with_both_core_attentions, 1, tiny())
+    torch.testing.assert_close(ours, megatrons, rtol=1e-5, atol=1e-5)
+
+
 # --- tensor and pipeline parallelism ----------------------------------------------------------
 
 

@@ -1,0 +1,219 @@
+"""Training throughput: illada's megatron-core step against plain PyTorch, same model, same process.
+
+The megatron side is the trainer's own code: `build` (GPTModel, megatron DDP, megatron's
+AdamW with fp32 main weights, WSD schedule), `micro_batches` (the masked-diffusion noise)
+and megatron's forward-backward schedule. The baseline is the same architecture written
+in plain PyTorch (nn.Linear, torch SDPA, RMSNorm, SwiGLU, RoPE, tied embeddings) under bf16
+autocast with fused AdamW, trained on the same objective. Both see the same batches.
+
+    python bench/train_throughput.py --device cuda --preset 1b --seq-len 2048 --micro-batch 4
+    python bench/train_throughput.py --device cpu --preset tiny --seq-len 256   # a smoke run
+
+Prints tokens/s, MFU (bidirectional attention FLOPs counted) and megatron/baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import platform
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from illada.config import Config
+from illada.model.config import ModelConfig, num_parameters
+from illada.objective import add_noise, diffusion_loss
+from illada.train.metrics import flops_per_token, peak_flops
+
+
+# --- the plain-PyTorch reference ---------------------------------------------------------------
+
+
+def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention, x [b, h, s, d]."""
+    s, d = x.shape[-2], x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    angles = torch.outer(torch.arange(s, device=x.device, dtype=torch.float32), inv)
+    cos, sin = torch.cat([angles, angles], -1).cos().to(x.dtype), torch.cat([angles, angles], -1).sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, kv = cfg.hidden_size, cfg.num_query_groups * cfg.head_dim
+        self.cfg = cfg
+        self.norm1, self.norm2 = nn.RMSNorm(h, eps=cfg.norm_eps), nn.RMSNorm(h, eps=cfg.norm_eps)
+        self.qkv = nn.Linear(h, h + 2 * kv, bias=False)
+        self.proj = nn.Linear(h, h, bias=False)
+        self.fc1 = nn.Linear(h, 2 * cfg.ffn_hidden_size, bias=False)
+        self.fc2 = nn.Linear(cfg.ffn_hidden_size, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, h = x.shape
+        cfg, d = self.cfg, self.cfg.head_dim
+        q, k, v = self.qkv(self.norm1(x)).split([h, cfg.num_query_groups * d, cfg.num_query_groups * d], -1)
+        q, k, v = (t.view(b, s, -1, d).transpose(1, 2) for t in (q, k, v))
+        q, k = rope(q, cfg.rope_theta), rope(k, cfg.rope_theta)
+        a = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # no mask: bidirectional
+        x = x + self.proj(a.transpose(1, 2).reshape(b, s, h))
+        gate, up = self.fc1(self.norm2(x)).chunk(2, -1)
+        return x + self.fc2(F.silu(gate) * up)
+
+
+class Reference(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        for p in self.parameters():
+            nn.init.normal_(p, std=cfg.init_std) if p.dim() > 1 else nn.init.ones_(p)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        logits = F.linear(self.norm(x), self.embed.weight)  # tied
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none").view_as(labels)
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def batches(cfg: ModelConfig, n: int, micro_batch: int, seq_len: int, mask_id: int = 5) -> list:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        clean = torch.randint(7, cfg.vocab_size, (micro_batch, seq_len), generator=g)
+        out.append((clean, add_noise(clean, mask_id, g)))
+    return out
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step, inputs: list, warmup: int, device: str) -> tuple[float, list[float]]:
+    for x in inputs[:warmup]:
+        step(x)
+    sync(device)
+    start = time.perf_counter()
+    losses = [step(x) for x in inputs[warmup:]]
+    sync(device)
+    return time.perf_counter() - start, losses
+
+
+def run_reference(cfg: ModelConfig, inputs: list, args) -> tuple[float, list[float]]:
+    device = torch.device(args.device)
+    model = Reference(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=args.device == "cuda")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+
+    def step(batch):
+        clean, noised = batch
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(args.device, dtype=dtype, enabled=args.device == "cuda"):
+            ce = model(noised.tokens.to(device), clean.to(device))
+        loss = diffusion_loss(ce.float(), _to(noised, device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.detach()
+
+    seconds, losses = time_steps(step, inputs, args.warmup, args.device)
+    del model, opt
+    return seconds, [float(x) for x in losses]
+
+
+def _to(noised, device):
+    from illada.objective import Noised
+
+    return Noised(noised.tokens.to(device), noised.masked.to(device), noised.p.to(device))
+
+
+def run_megatron(cfg: ModelConfig, inputs: list, args) -> tuple[float, list[float]]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from illada.parallel import destroy_parallel, init_parallel
+    from illada.train.trainer import Batch, build, forward_step
+
+    config = Config.model_validate(
+        {
+            "name": "bench",
+            "root": "/tmp/illada-bench",
+            "model": cfg.model_dump(),
+            "train": {"steps": 1000, "global_batch_size": args.micro_batch, "micro_batch_size": args.micro_batch, "optim": {"lr": 1e-4, "warmup_steps": 0}},
+        }
+    )
+    init_parallel(1, 1)
+    model, optimizer, scheduler, _ = build(config)
+    forward_backward = get_forward_backward_func()
+    device = torch.device(args.device)
+
+    def step(batch):
+        clean, noised = batch
+        optimizer.zero_grad()
+        model.zero_grad_buffer()
+        losses = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iter([Batch(clean.to(device), _to(noised, device))]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=args.seq_len,
+            micro_batch_size=args.micro_batch,
+            forward_only=False,
+        )
+        optimizer.step()
+        scheduler.step(increment=1)
+        return losses[0]["loss"]
+
+    seconds, losses = time_steps(step, inputs, args.warmup, args.device)
+    del model, optimizer
+    destroy_parallel()
+    return seconds, [float(x) for x in losses]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    p.add_argument("--preset", default="1b")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+
+    cfg = ModelConfig(preset=args.preset, max_seq_len=max(args.seq_len, 1))
+    inputs = batches(cfg, args.warmup + args.steps, args.micro_batch, args.seq_len)
+    tokens = args.steps * args.micro_batch * args.seq_len
+    flops = flops_per_token(cfg, args.seq_len)
+    peak = peak_flops() if args.device == "cuda" else None
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"{args.preset}: {num_parameters(cfg) / 1e9:.2f}B parameters, seq {args.seq_len}, micro-batch {args.micro_batch}, {args.steps} timed steps on {device_name}")
+    print(f"{'':<22}{'tokens/s':>12}{'MFU':>8}{'final loss':>12}")
+
+    results = {}
+    for name, run in (("megatron (illada)", run_megatron), ("plain PyTorch + SDPA", run_reference)):
+        seconds, losses = run(cfg, inputs, args)
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        rate = tokens / seconds
+        mfu = f"{rate * flops / peak:.1%}" if peak else "-"
+        results[name] = rate
+        assert all(math.isfinite(x) for x in losses), f"{name}: non-finite loss {losses}"
+        print(f"{name:<22}{rate:>12,.0f}{mfu:>8}{np.mean(losses[-3:]):>12.3f}")
+    ratio = results["megatron (illada)"] / results["plain PyTorch + SDPA"]
+    print(f"ratio megatron/baseline: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
