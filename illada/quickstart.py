@@ -39,5 +39,22 @@ def quickstart(root: str, overrides: list[str], num_cpus: int | None = None) -> 
     print(f"== data pipeline -> {config.root}")
     manifests = run_pipeline(config, STAGES)
     _print_summary(manifests)
-    print(f"\nre-run one stage:   illada pipeline run {CONFIG.relative_to(Path.cwd()) if CONFIG.is_relative_to(Path.cwd()) else CONFIG} --root {config.root} --stage pack")
+    config_arg = CONFIG.relative_to(Path.cwd()) if CONFIG.is_relative_to(Path.cwd()) else CONFIG
+    print(f"\nre-run one stage:   illada pipeline run {config_arg} --root {config.root} --stage pack")
+
+    print(f"\n== pre-training the tiny model ({config.train.steps} steps) -> {config.root}/checkpoints")
+    checkpoint = pretrain(config)
+    print(f"checkpoint: {checkpoint}")
+    print(f"train further:      illada train {config_arg} --root {config.root} train.steps={2 * config.train.steps}")
     return 0
+
+
+def pretrain(config) -> str:
+    """Train in this process (one rank, no torchrun needed); returns the last checkpoint."""
+    from illada.parallel import destroy_parallel
+    from illada.train.checkpoint import checkpoint_root, complete_checkpoints
+    from illada.train.trainer import train_loop
+
+    train_loop(config)
+    destroy_parallel()
+    return complete_checkpoints(checkpoint_root(config))[-1]

@@ -1,6 +1,7 @@
 import pytest
 
 from illada.config import ConfigError, dump_config, load_config
+from tests.conftest import REPO
 from tests.helpers import make_config
 
 SOURCES = [{"name": "a", "paths": ["/data/a.jsonl"], "weight": 3}, {"name": "b", "paths": ["/data/b.jsonl"], "weight": 1}]
@@ -58,3 +59,15 @@ def test_dumped_config_loads_back_to_the_same_config(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_config(config))
     assert load_config(path) == config
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "model"))
+def test_every_shipped_config_is_valid_and_its_parallel_layout_fits_its_model(path, monkeypatch):
+    from illada.model.build import check_parallel_sizes
+
+    monkeypatch.setenv("PYTHON_STDLIB", "/usr/lib/python3")
+    monkeypatch.setenv("QUICKSTART_RAW", "/tmp/raw")
+    config = load_config(REPO / path)
+    if config.train is not None:
+        check_parallel_sizes(config.model, config.train.parallel.tensor, config.train.parallel.pipeline)
+        assert config.train.global_batch_size % config.train.micro_batch_size == 0
