@@ -321,7 +321,7 @@ def _write_parquet(table: pa.Table, url: str, **options) -> None:
 
 
 def run_dedup_fuzzy(ctx: StageContext) -> dict:
-    docs = sorted(ctx.input_files("dedup_exact", "documents"), key=lambda f: f.get("order", 0))
+    docs = ctx.input_files("dedup_exact", "documents")
     cfg = ctx.config.data.dedup.fuzzy
     if not cfg.enabled:
         return passthrough(docs, ctx.stage)

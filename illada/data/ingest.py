@@ -275,8 +275,8 @@ def run_ingest(ctx: StageContext) -> dict:
     results = ctx.run_tasks("read", ingest_task, specs)
 
     files, stats = [], {"sources": {}}
-    for tid in sorted(results):
-        r, spec = results[tid], specs[tid]
+    for tid, spec in specs.items():  # config order: "earliest" downstream means this order
+        r = results[tid]
         files.append(file_entry(ctx, spec["docs_url"], "documents", r["docs"]["sha256"], r["docs"]["bytes"], rows=r["docs"]["rows"], source=r["source"], order=len(files)))
         if "quarantine" in r:
             q = r["quarantine"]

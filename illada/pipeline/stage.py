@@ -89,7 +89,8 @@ class StageContext:
         return storage.join(self.root, rel)
 
     def input_files(self, stage: str, kind: str | None = None) -> list[dict]:
-        files = self.inputs[stage]["files"]
+        """An input stage's files in the order it gave them ("order"; manifests list by path)."""
+        files = sorted(self.inputs[stage]["files"], key=lambda f: f.get("order", 0))
         return [f for f in files if kind is None or f.get("kind") == kind]
 
     def run_tasks(

@@ -24,17 +24,18 @@ def test_removes_every_planted_exact_duplicate_and_nothing_else(tmp_path, ray_lo
     write_jsonl(tmp_path / "b" / "1.jsonl", [{"text": t} for t in unique_b] + [{"text": shared}, {"text": shared + "!"}])
     config = make_config(
         tmp_path / "run",
-        [{"name": "a", "paths": [str(tmp_path / "a")], "weight": 1}, {"name": "b", "paths": [str(tmp_path / "b")], "weight": 1}],
+        # b first: "earliest" is the config's order, not the names' order
+        [{"name": "b", "paths": [str(tmp_path / "b")], "weight": 1}, {"name": "a", "paths": [str(tmp_path / "a")], "weight": 1}],
         ["data.dedup.exact.num_partitions=3"],
     )
     manifests = run_pipeline(config, UPTO_DEDUP)
     texts = [d["text"] for d in docs_of(config.root, manifests["dedup_exact"])]
     assert sorted(texts) == sorted(unique_a + unique_b + [shared, shared + "!"])
     kept_shared = [d for d in docs_of(config.root, manifests["dedup_exact"]) if d["text"] == shared]
-    assert kept_shared[0]["source"] == "a"  # the earliest copy (first source in the config) is kept
+    assert [d["source"] for d in kept_shared] == ["b"]  # the earliest copy (first source in the config) is kept
 
     stats = manifests["dedup_exact"]["stats"]
     assert stats["duplicates"] == 3
-    assert stats["sources"]["a"]["duplicates"] == 2 and stats["sources"]["a"]["duplicate_of_source"] == {"a": 2}
-    assert stats["sources"]["b"]["duplicates"] == 1 and stats["sources"]["b"]["duplicate_of_source"] == {"a": 1}
+    assert stats["sources"]["a"]["duplicates"] == 3 and stats["sources"]["a"]["duplicate_of_source"] == {"a": 2, "b": 1}
+    assert stats["sources"]["b"]["duplicates"] == 0
     assert stats["documents_in"] == 75 and stats["documents_out"] == 72
