@@ -27,6 +27,7 @@ from illada.data.documents import DocumentWriter, iter_batches, read_table
 from illada.pipeline.stage import Stage, StageContext, file_entry
 
 HASH_SCHEMA = pa.schema([("hash_hi", pa.uint64()), ("hash_lo", pa.uint64()), ("file", pa.int32()), ("row", pa.int64())])
+DROPS_PER_ROW_GROUP = 65536
 DROP_SCHEMA = pa.schema([("file", pa.int32()), ("row", pa.int64()), ("kept_file", pa.int32()), ("kept_row", pa.int64())])
 
 
@@ -72,13 +73,14 @@ def reduce_task(spec: dict) -> dict:
         {"file": files[dup], "row": rows[dup], "kept_file": files[kept_index[dup]], "kept_row": rows[kept_index[dup]]},
         schema=DROP_SCHEMA,
     ).sort_by([("file", "ascending"), ("row", "ascending")])
-    _write_parquet(drops, spec["drops_url"])
+    _write_parquet(drops, spec["drops_url"], row_group_size=DROPS_PER_ROW_GROUP)
     return {"hashes": len(hi), "unique": int(first.sum()), "duplicates": int(dup.sum())}
 
 
 def filter_task(spec: dict) -> dict:
     """Copy one document file without its dropped rows."""
-    drops = pa.concat_tables([read_table(url).filter(pc.field("file") == spec["file"]) for url in spec["drops"]])
+    # Drops are sorted by file in small row groups: each task reads its own rows' groups only.
+    drops = pa.concat_tables([read_table(url, filters=pc.field("file") == spec["file"]) for url in spec["drops"]])
     dropped = drops.column("row").to_numpy()
     kept_files, counts = np.unique(drops.column("kept_file").to_numpy(), return_counts=True)
     kept_from = {int(f): int(c) for f, c in zip(kept_files, counts)}
@@ -91,9 +93,9 @@ def filter_task(spec: dict) -> dict:
     return {"source": spec["source"], "documents_in": row, "duplicates": len(dropped), "kept_in_files": {str(k): v for k, v in kept_from.items()}, "docs": writer.info}
 
 
-def _write_parquet(table: pa.Table, url: str) -> None:
+def _write_parquet(table: pa.Table, url: str, row_group_size: int | None = None) -> None:
     with storage.open_atomic(url) as f:
-        pq.write_table(table, f, compression="zstd")
+        pq.write_table(table, f, compression="zstd", row_group_size=row_group_size)
 
 
 def run_dedup_exact(ctx: StageContext) -> dict:

@@ -72,6 +72,7 @@ def iter_batches(url: str, columns: list[str] | None = None, batch_size: int = 2
         yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
 
-def read_table(url: str, columns: list[str] | None = None) -> pa.Table:
+def read_table(url: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+    """A Parquet file; with `filters`, row groups whose statistics rule them out are not read."""
     with storage.open_read(url) as f:
-        return pq.read_table(f, columns=columns)
+        return pq.read_table(f, columns=columns, filters=filters)
