@@ -101,14 +101,30 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, inputs: list, warmup: int, device: str) -> tuple[float, list[float]]:
-    for x in inputs[:warmup]:
+def time_steps(step, inputs: list, args) -> tuple[float, list[float]]:
+    for x in inputs[: args.warmup]:
         step(x)
-    sync(device)
+    sync(args.device)
     start = time.perf_counter()
-    losses = [step(x) for x in inputs[warmup:]]
-    sync(device)
-    return time.perf_counter() - start, losses
+    losses = [step(x) for x in inputs[args.warmup :]]
+    sync(args.device)
+    seconds = time.perf_counter() - start
+    if args.profile:
+        profile(step, inputs[-1], args.device)
+    return seconds, losses
+
+
+def profile(step, batch, device: str) -> None:
+    """Where one step's time goes: the top operators by self time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        step(batch)
+        sync(device)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
 
 
 def run_reference(cfg: ModelConfig, inputs: list, args) -> tuple[float, list[float]]:
@@ -128,7 +144,7 @@ def run_reference(cfg: ModelConfig, inputs: list, args) -> tuple[float, list[flo
         opt.step()
         return loss.detach()
 
-    seconds, losses = time_steps(step, inputs, args.warmup, args.device)
+    seconds, losses = time_steps(step, inputs, args)
     del model, opt
     return seconds, [float(x) for x in losses]
 
@@ -175,7 +191,7 @@ def run_megatron(cfg: ModelConfig, inputs: list, args) -> tuple[float, list[floa
         scheduler.step(increment=1)
         return losses[0]["loss"]
 
-    seconds, losses = time_steps(step, inputs, args.warmup, args.device)
+    seconds, losses = time_steps(step, inputs, args)
     del model, optimizer
     destroy_parallel()
     return seconds, [float(x) for x in losses]
@@ -189,6 +205,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="also print each side's top operators for one step")
     args = p.parse_args()
 
     cfg = ModelConfig(preset=args.preset, max_seq_len=max(args.seq_len, 1))
