@@ -39,9 +39,13 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def _pipeline_stages():
-    from pipelines.pretrain_data import STAGES
-
+def _pipeline_stages(config):
+    """The stages of the pipeline the config's data.kind names (pretrain or sft)."""
+    config.require("data")
+    if config.data.kind == "sft":
+        from pipelines.sft_data import STAGES
+    else:
+        from pipelines.pretrain_data import STAGES
     return STAGES
 
 
@@ -49,7 +53,7 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
     from illada.pipeline.runner import run_pipeline
 
     config = _config(args)
-    manifests = run_pipeline(config, _pipeline_stages(), only=args.stage, start=args.start, force=args.force)
+    manifests = run_pipeline(config, _pipeline_stages(config), only=args.stage, start=args.start, force=args.force)
     _print_summary(manifests)
     return 0
 
@@ -59,7 +63,7 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
 
     config = _config(args)
     print(f"{'stage':<14}{'state':<10}{'tasks done':>11}  digest")
-    for s in pipeline_status(config, _pipeline_stages()):
+    for s in pipeline_status(config, _pipeline_stages(config)):
         print(f"{s.name:<14}{s.state:<10}{s.tasks_done:>11}  {(s.digest or '-')[:16]}")
     return 0
 
@@ -69,10 +73,19 @@ def _print_summary(manifests: dict[str, dict]) -> None:
     if not pack:
         return
     stats = pack["stats"]
+    if stats.get("format") == "sft":
+        return _print_sft_summary(stats, len(pack["files"]))
     print(f"\npacked {stats['sequences']} sequences of {stats['seq_len']} tokens ({stats['tokens']} tokens) into {len(pack['files'])} shards")
     print(f"{'source':<20}{'weight':>8}{'documents':>11}{'sequences':>11}{'tokens':>12}")
     for name, s in stats["sources"].items():
         print(f"{name:<20}{stats['mix'][name]:>8.3f}{s['documents']:>11}{s['sequences']:>11}{s['tokens']:>12}")
+
+
+def _print_sft_summary(stats: dict, shards: int) -> None:
+    print(f"\nwrote {stats['samples']} SFT samples into {shards} shards (buckets {stats['buckets']}); over {stats['seq_len']} tokens: {stats['dropped']} dropped, {stats['truncated']} truncated")
+    print(f"{'source':<20}{'weight':>8}{'samples':>9}{'prompt tok':>12}{'response tok':>14}{'pad tok':>10}{'dropped':>9}{'truncated':>11}")
+    for name, s in stats["sources"].items():
+        print(f"{name:<20}{stats['mix'][name]:>8.3f}{s['samples']:>9}{s['prompt_tokens']:>12}{s['response_tokens']:>14}{s['pad_tokens']:>10}{s['dropped']:>9}{s['truncated']:>11}")
 
 
 def cmd_submit_pipeline(args: argparse.Namespace) -> int:
@@ -216,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser(
         "train",
-        help="pre-train with megatron-core (run it under torchrun, or give --nproc-per-node)",
-        description="Train the model of CONFIG's model section on the pack stage's shards. Resumes from the "
+        help="pre-train or fine-tune (train.objective: sft) with megatron-core (under torchrun, or give --nproc-per-node)",
+        description="Train the model of CONFIG's model section on the pack stage's shards: pre-training, or with "
+        "train.objective: sft fine-tuning on an SFT data run's samples (runbooks/fine-tune.md). Resumes from the "
         "latest complete checkpoint under train.checkpoint.dir. Multi-process: torchrun --nproc-per-node N "
         "-m illada.cli train CONFIG, or --nproc-per-node N here on one machine.",
     )
@@ -229,6 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     show = config.add_parser("show", help="print the resolved config (overrides applied, secrets masked)")
     _add_config_args(show)
     show.set_defaults(func=cmd_config_show)
+
+    from illada.lineage.cli import add_lineage_parser
+
+    add_lineage_parser(sub)
+
+    from illada.eval.cli import add_parsers as add_eval_parser
+    from illada.sampling.cli import add_parsers as add_sampling_parsers
+
+    add_sampling_parsers(sub)  # generate, infill
+    add_eval_parser(sub)  # eval
+
+    from illada.chat import add_parser as add_chat_parser
+
+    add_chat_parser(sub)  # chat
     return parser
 
 

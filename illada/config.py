@@ -67,9 +67,12 @@ class RayConfig(Strict):
 class SourceConfig(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     paths: list[str] = Field(min_length=1, description="Files, directories or globs; local or s3://.")
-    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    format: Literal["auto", "jsonl", "parquet", "text", "chat"] = Field(
+        "auto", description="chat: conversations (jsonl or parquet records with a messages list), for SFT data."
+    )
     weight: float = Field(gt=0, description="Mix weight; normalised over all sources.")
     text_field: str = "text"
+    messages_field: str = Field("messages", description="chat sources: the field holding [{role, content}, ...].")
     id_field: str | None = None
 
     @field_validator("paths")
@@ -116,6 +119,14 @@ class TokenizerConfig(Strict):
     train_sample_docs: int = Field(100_000, gt=0)
     min_frequency: int = Field(2, ge=1)
 
+    @field_validator("path")
+    @classmethod
+    def _expand_path(cls, path: str | None) -> str | None:
+        if path is None:
+            return None
+        path = expand_vars(path)
+        return path if "://" in path else os.path.abspath(path)
+
 
 class TokenizeConfig(Strict):
     batch_size: int = Field(1024, gt=0, description="Documents per encode_batch call.")
@@ -128,13 +139,40 @@ class PackConfig(Strict):
     zstd_level: int = Field(3, ge=1, le=22)
 
 
+class SFTDataConfig(Strict):
+    """How conversations become SFT samples: each is padded with end-of-text up to the
+    smallest bucket that holds it; a longer one is truncated or dropped (and counted)."""
+
+    buckets: list[int] = Field([512, 1024, 2048, 4096, 8192], min_length=1, description="Sample lengths, ascending; the last is the maximum.")
+    overlong: Literal["drop", "truncate"] = Field(
+        "drop", description="A sample over the last bucket: drop it, or cut its response at the maximum length."
+    )
+    samples_per_shard: int = Field(4096, gt=0)
+    zstd_level: int = Field(3, ge=1, le=22)
+
+    @field_validator("buckets")
+    @classmethod
+    def _ascending(cls, buckets: list[int]) -> list[int]:
+        if any(b < 2 for b in buckets) or buckets != sorted(set(buckets)):
+            raise ValueError("buckets must be distinct lengths >= 2 in ascending order")
+        return buckets
+
+    @property
+    def max_len(self) -> int:
+        return self.buckets[-1]
+
+
 class DataConfig(Strict):
+    kind: Literal["pretrain", "sft"] = Field(
+        "pretrain", description="Which pipeline `illada pipeline run` runs: pretrain (pipelines/pretrain_data.py) or sft (pipelines/sft_data.py)."
+    )
     sources: list[SourceConfig] = Field(min_length=1)
     ingest: IngestConfig = IngestConfig()
     dedup: DedupConfig = DedupConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     pack: PackConfig = PackConfig()
+    sft: SFTDataConfig = SFTDataConfig()
 
     @field_validator("sources")
     @classmethod
@@ -144,6 +182,20 @@ class DataConfig(Strict):
         if duplicated:
             raise ValueError(f"source names must be unique; repeated: {', '.join(duplicated)}")
         return sources
+
+    @model_validator(mode="after")
+    def _sft_sources_and_tokenizer(self) -> DataConfig:
+        sft = self.kind == "sft"
+        for i, source in enumerate(self.sources):
+            if sft != (source.format == "chat"):
+                fix = "set its format: chat" if sft else "set data.kind: sft to build SFT data from conversations"
+                raise ValueError(f"sources.{i} ({source.name!r}) has format {source.format!r} but data.kind is {self.kind!r}: {fix}")
+        if sft and self.tokenizer.path is None:
+            raise ValueError(
+                "data.kind sft needs tokenizer.path: the pre-training run's tokenizer.json "
+                "(<pre-training data root>/tokenizer/tokenizer.json), so SFT samples use the model's vocabulary"
+            )
+        return self
 
     def mix(self) -> dict[str, float]:
         total = sum(s.weight for s in self.sources)
@@ -191,10 +243,23 @@ class ClusterConfig(Strict):
     resource_wait_s: float = Field(0, ge=0, description="Wait this long for nodes still joining before failing for lack of GPUs/CPUs.")
 
 
+class SFTConfig(Strict):
+    """Supervised fine-tuning (train.objective: sft) on an SFT data-pipeline run's shards."""
+
+    mode: Literal["illada", "llada"] = Field(
+        "illada",
+        description="illada: mask the whole sequence (prompt, response, end-of-text padding) as in pre-training; "
+        "llada: keep the prompt clean and normalise the loss by the answer length (SPEC §2).",
+    )
+    epochs: float | None = Field(None, gt=0, description="Train this many passes over the SFT samples (sets the steps); instead of train.steps.")
+
+
 class TrainConfig(Strict):
     data_root: str | None = Field(None, description="Root of a data-pipeline run (its pack/manifest.json is read); default: root.")
     mix: dict[str, float] | None = Field(None, description="Source weights; default: the data config's mix.")
-    steps: int = Field(gt=0)
+    objective: Literal["pretrain", "sft"] = Field("pretrain", description="pretrain: packed sequences; sft: conversations from an SFT data run.")
+    sft: SFTConfig = SFTConfig()
+    steps: int | None = Field(None, gt=0, description="Optimizer steps; required unless train.sft.epochs gives them.")
     micro_batch_size: int = Field(1, gt=0)
     global_batch_size: int = Field(gt=0)
     seed: int = 1234
@@ -220,6 +285,17 @@ class TrainConfig(Strict):
             return None
         root = expand_vars(root).rstrip("/")
         return root if "://" in root else os.path.abspath(root)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainConfig:
+        epochs = self.sft.epochs
+        if epochs is not None and self.objective != "sft":
+            raise ValueError("sft.epochs applies to train.objective: sft; pre-training counts train.steps")
+        if epochs is not None and self.steps is not None:
+            raise ValueError("give train.steps or train.sft.epochs, not both")
+        if epochs is None and self.steps is None:
+            raise ValueError("train.steps is required (for SFT, train.sft.epochs may give it instead)")
+        return self
 
 
 class Config(Strict):

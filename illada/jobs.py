@@ -1,40 +1,65 @@
-"""Ray Jobs: send a pipeline run to a cluster and follow it.
+"""Ray Jobs: send a pipeline or training run to a cluster and follow it.
 
-The job's working directory is a small staging folder holding the `illada` and
-`pipelines` packages and the resolved config (secrets left out: the cluster uses its own
-credentials), so what runs there is exactly what was resolved here.
+One way to submit, for both: the job's runtime environment is either
+- a working directory: a small staging folder holding the `illada` and `pipelines`
+  packages, `configs/` (model presets) and the resolved config, so what runs there is
+  exactly what was resolved here; or
+- a container image (Ray's `image_uri`; the nodes need podman): the code is the image's,
+  and the resolved config travels in $ILLADA_JOB_CONFIG.
+Either way the config has its secrets left out: the cluster uses its own credentials.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from illada.config import Config, dump_config
+from illada.config import Config, ConfigError, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("illada", "pipelines")
+PACKAGES = ("illada", "pipelines", "configs")  # configs: the model presets a config may name
+JOB_CONFIG = "job_config.yaml"  # in the staged working directory
+CONFIG_ENV = "ILLADA_JOB_CONFIG"  # the config's YAML, for jobs from an image
 
 
 def client(address: str) -> JobSubmissionClient:
     return JobSubmissionClient(address)
 
 
+def job_config(config: Config) -> Config:
+    """The config as the job's driver must see it: it joins the cluster it runs in, and
+    relative local paths mean what they meant here."""
+    update = {"ray": config.ray.model_copy(update={"address": None})}
+    if config.data is not None:
+        update["data"] = _absolute_paths(config.data)
+    if config.train is not None:
+        update["train"] = _absolute_train_paths(config.train)
+    return config.model_copy(update=update)
+
+
 def _stage_working_dir(config: Config) -> Path:
     staging = Path(tempfile.mkdtemp(prefix="illada-job-"))
     for package in PACKAGES:
         shutil.copytree(REPO / package, staging / package, ignore=shutil.ignore_patterns("__pycache__"))
-    update = {"ray": config.ray.model_copy(update={"address": None})}
-    if config.data is not None:
-        update["data"] = _absolute_paths(config.data)
-    job_config = config.model_copy(update=update)
-    (staging / "job_config.yaml").write_text(dump_config(job_config))
+    (staging / JOB_CONFIG).write_text(dump_config(job_config(config)))
     return staging
+
+
+def load_job_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """In a job's driver: the config file, or without one the YAML in $ILLADA_JOB_CONFIG."""
+    if path is not None:
+        return load_config(path, list(overrides))
+    if CONFIG_ENV not in os.environ:
+        raise ConfigError(f"no config: give a config file, or set {CONFIG_ENV} to the config's YAML")
+    return load_config(base=yaml.safe_load(os.environ[CONFIG_ENV]), overrides=list(overrides))
 
 
 def _absolute(path: str) -> str:
@@ -53,19 +78,66 @@ def _absolute_paths(data):
     )
 
 
-def submit_pipeline(config: Config, address: str, *, stage=None, start=None, force=False, submission_id=None) -> str:
-    flags = (["--stage", stage] if stage else []) + (["--from", start] if start else []) + (["--force"] if force else [])
-    entrypoint = " ".join(["python", "-m", "pipelines.pretrain_data", "job_config.yaml", *flags])
-    staging = _stage_working_dir(config)
+def _absolute_train_paths(train):
+    checkpoint = train.checkpoint.model_copy(update={"dir": _absolute(train.checkpoint.dir) if train.checkpoint.dir else None})
+    return train.model_copy(update={"checkpoint": checkpoint, "init_from": _absolute(train.init_from) if train.init_from else None})
+
+
+@dataclass
+class JobSpec:
+    entrypoint: str
+    runtime_env: dict
+    metadata: dict
+    staging: Path | None  # the staged working dir, removed once submitted
+
+
+def job_spec(config: Config, kind: str, module: str, flags=(), *, image=None, env=None) -> JobSpec:
+    """What `submit` sends: `python -m MODULE CONFIG FLAGS` with its runtime environment.
+
+    With `image`, the job runs in that container image (Ray's image_uri) and gets the
+    config in $ILLADA_JOB_CONFIG instead of a file (MODULE must accept that); otherwise it
+    runs from a staged working directory. `env` adds environment variables to every
+    process of the job (the driver, Ray Train's controller, the workers)."""
+    env_vars = {**_code_version_env(), **(env or {})}
+    metadata = {"illada.kind": kind, "illada.config": config.name, "illada.root": config.root}
+    staging = None
+    if image:
+        env_vars[CONFIG_ENV] = dump_config(job_config(config))
+        runtime_env, config_arg = {"image_uri": image}, []
+    else:
+        staging = _stage_working_dir(config)
+        runtime_env, config_arg = {"working_dir": str(staging)}, [JOB_CONFIG]
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    return JobSpec(shlex.join(["python", "-m", module, *config_arg, *flags]), runtime_env, metadata, staging)
+
+
+def submit(config: Config, address: str, kind: str, module: str, flags=(), *, submission_id=None, image=None, env=None) -> str:
+    """Submit a job (see job_spec); returns its submission id. The one way illada submits."""
+    spec = job_spec(config, kind, module, flags, image=image, env=env)
     try:
-        return client(address).submit_job(
-            entrypoint=entrypoint,
-            runtime_env={"working_dir": str(staging)},
-            submission_id=submission_id,
-            metadata={"illada.kind": "pipeline", "illada.config": config.name, "illada.root": config.root},
-        )
+        return client(address).submit_job(entrypoint=spec.entrypoint, runtime_env=spec.runtime_env, submission_id=submission_id, metadata=spec.metadata)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if spec.staging is not None:
+            shutil.rmtree(spec.staging, ignore_errors=True)
+
+
+def _code_version_env() -> dict[str, str]:
+    """The submitter's git commit for the job's lineage records (the staged copy has no .git)."""
+    from illada.lineage.record import GIT_COMMIT, GIT_DIRTY, code_version
+
+    version = code_version()
+    return {"ILLADA_GIT_COMMIT": version[GIT_COMMIT], "ILLADA_GIT_DIRTY": version[GIT_DIRTY]}
+
+
+def submit_pipeline(config: Config, address: str, *, stage=None, start=None, force=False, submission_id=None, env=None) -> str:
+    flags = (["--stage", stage] if stage else []) + (["--from", start] if start else []) + (["--force"] if force else [])
+    return submit(config, address, "pipeline", "pipelines.pretrain_data", flags, submission_id=submission_id, env=env)
+
+
+def submit_train(config: Config, address: str, *, submission_id=None, image=None, env=None) -> str:
+    config.require("model", "train")
+    return submit(config, address, "train", "pipelines.pretrain", submission_id=submission_id, image=image, env=env)
 
 
 def job_info(address: str, job_id: str) -> dict:

@@ -50,3 +50,35 @@ def random_length(tokens: torch.Tensor, fraction: float, generator: torch.Genera
         return tokens
     length = int(torch.randint(1, tokens.shape[1] + 1, (1,), generator=generator).item())
     return tokens[:, :length]
+
+
+# --- supervised fine-tuning (SPEC §2) ---------------------------------------------------------
+#
+# A sample is a prompt, a response and end-of-text padding (trained on: it teaches the model
+# where to stop). iLLaDA noises and scores the whole sequence exactly as pre-training does:
+# `add_noise` + `diffusion_loss`. LLaDA keeps the prompt clean and normalises each
+# sequence's loss by its answer length (response + padding):
+#
+#     L = (1/B) sum_b [ sum over masked i of CE_i / p_b ] / answer_len_b
+
+SFT_MODES = ("illada", "llada")
+
+
+def sft_noise(tokens: torch.Tensor, prompt_len: torch.Tensor, mask_id: int, mode: str, generator: torch.Generator | None = None, eps: float = EPS) -> Noised:
+    """`add_noise` over the whole sequence (iLLaDA), or the same draws with the prompt
+    positions, the first prompt_len[b] of row b, left clean (LLaDA)."""
+    if mode not in SFT_MODES:
+        raise ValueError(f"SFT mode must be one of {', '.join(SFT_MODES)} (got {mode!r})")
+    noised = add_noise(tokens, mask_id, generator, eps)
+    if mode == "illada":
+        return noised
+    answer = torch.arange(tokens.shape[1], device=tokens.device)[None, :] >= prompt_len[:, None]
+    masked = noised.masked & answer
+    return Noised(torch.where(masked, torch.full_like(tokens, mask_id), tokens), masked, noised.p)
+
+
+def answer_length_loss(token_ce: torch.Tensor, noised: Noised, answer_len: torch.Tensor) -> torch.Tensor:
+    """LLaDA's SFT loss from per-token cross-entropy [b, s]: each sequence's weighted masked
+    CE divided by its answer length answer_len[b], averaged over the sequences."""
+    weights = noised.masked.to(token_ce.dtype) / noised.p[:, None].to(token_ce.dtype)
+    return ((token_ce * weights).sum(1) / answer_len.to(token_ce.dtype)).mean()

@@ -46,6 +46,13 @@ def quickstart(root: str, overrides: list[str], num_cpus: int | None = None) -> 
     checkpoint = pretrain(config)
     print(f"checkpoint: {checkpoint}")
     print(f"train further:      illada train {config_arg} --root {config.root} train.steps={2 * config.train.steps}")
+
+    from illada.lineage.cli import print_checkpoint_lineage
+    from illada.sampling.cli import sample_after_training
+
+    sample_after_training(checkpoint)
+    print("\n== its lineage")
+    print_checkpoint_lineage(checkpoint)
     return 0
 
 

@@ -167,3 +167,49 @@ class TinyConfigFactory:
 @pytest.fixture
 def tiny_config_factory():
     return TinyConfigFactory()
+
+
+# --- a packed tiny corpus for training -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def train_data_root(tmp_path_factory, ray_local) -> str:
+    """A data-pipeline run over the tiny sources (64-token sequences, 30 documents each), made
+    once per session: its `pack/` is what training tests read (train.data_root)."""
+    from illada.pipeline.runner import run_pipeline
+    from pipelines.pretrain_data import STAGES
+
+    tmp = tmp_path_factory.mktemp("train-data")
+    run_pipeline(TinyConfigFactory()(str(tmp / "run"), str(tmp / "raw"), docs_per_source=30), STAGES)
+    return str(tmp / "run")
+
+
+# --- MLflow ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory):
+    """One MLflow database for every run this session records (pipelines record themselves):
+    each new database costs seconds of schema migrations, and a run root on S3 would
+    otherwise put ./mlflow.db in the working directory. Tests of the default store (under
+    the run root) unset MLFLOW_TRACKING_URI themselves."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    patch.undo()
+
+
+# --- torch --------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tests run small tensors: one thread is fastest, and far faster than two on a busy
+    2-core machine. (Training and megatron tests run in child processes with their own.)"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

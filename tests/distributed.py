@@ -5,8 +5,8 @@ pays for the imports only the first time. `fn` must be a module-level function (
 pickled by name); its return value must be picklable. A failing rank's traceback is raised
 here; a rank still running at the deadline (a hung collective) fails the test instead of
 hanging it. Children use one thread each: the machines running the tests are small.
-Children see the environment of the forkserver (the pytest process's when the first test
-started it) plus the torchrun variables: pass anything else through `args`.
+Children see the calling test's environment (as it is when run_distributed is called) plus
+the torchrun variables.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     port = free_port()
     # Plain pickle bytes both ways: torch's multiprocessing pickler would pass tensors as
     # shared-memory handles, which die with the child that made them.
-    call = pickle.dumps((fn, args))
+    call = pickle.dumps((fn, args, dict(os.environ)))
     procs = [ctx.Process(target=_child, args=(call, rank, world_size, port, results), daemon=False) for rank in range(world_size)]
     for p in procs:
         p.start()
@@ -60,6 +60,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
 
 
 def _child(call: bytes, rank: int, world_size: int, port: int, results) -> None:
+    fn, args, environ = pickle.loads(call)
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -72,7 +75,6 @@ def _child(call: bytes, rank: int, world_size: int, port: int, results) -> None:
 
     torch.set_num_threads(1)
     try:
-        fn, args = pickle.loads(call)
         results.put((rank, True, pickle.dumps(fn(rank, *args))))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))

@@ -1,9 +1,8 @@
 """Ray Jobs against a real Ray head (dashboard and job server included) started for this module.
 
-The head is this module's own: its own temp dir, free ports for everything it listens on,
-its own session. It is stopped by signalling exactly the processes of that session (and
-their children) - never `ray stop`, which stops every Ray on the machine, other people's
-included. Nothing here uses the test process's own local Ray.
+The head is this module's own (tests/ray_cluster.py): its own temp dir, free ports for
+everything it listens on, its own session, stopped by signalling exactly that session's
+processes. Nothing here uses the test process's own local Ray.
 """
 
 from __future__ import annotations
@@ -11,145 +10,30 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from illada import storage
 from illada.cli import main
-from tests.conftest import free_port
+from tests.ray_cluster import VENV_BIN, RayStartError, start_cluster
 
-VENV_BIN = Path(sys.executable).parent
 STAGE_NAMES = ["ingest", "dedup_exact", "dedup_fuzzy", "tokenizer", "tokenize", "pack"]
-
-
-# --- the processes of one session ---------------------------------------------------------
-
-
-def _proc_stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, session id) of a live process; None if it is gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in "ZX" else (int(fields[1]), int(fields[3]))
-
-
-def session_processes(sid: int) -> list[int]:
-    """Every process of session `sid`, plus every descendant of one (a Ray job's entrypoint
-    runs in a session of its own, as a child of a worker of ours)."""
-    stats = {pid: st for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()) if (st := _proc_stat(pid))}
-    found = {pid for pid, (_, s) in stats.items() if s == sid}
-    grew = True
-    while grew:
-        more = {pid for pid, (ppid, _) in stats.items() if ppid in found} - found
-        found |= more
-        grew = bool(more)
-    found.discard(os.getpid())
-    return sorted(found)
-
-
-def kill_session(sid: int, grace_s: float = 3) -> None:
-    """SIGTERM, then SIGKILL what is left after `grace_s` (gcs_server and the autoscaler
-    monitor can sit on a SIGTERM for longer; this cluster is throwaway)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = session_processes(sid)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while session_processes(sid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not session_processes(sid):
-            return
-
-
-# --- the head -------------------------------------------------------------------------------
-
-
-@dataclass
-class RayHead:
-    address: str  # the dashboard / job server URL
-    temp_dir: str
-    sid: int
-
-
-def _dashboard_ready(address: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _diagnostics(temp_dir: str, start_output: str) -> str:
-    logs = sorted(Path(temp_dir).glob("session_*/logs/dashboard*.*")) + sorted(Path(temp_dir).glob("session_*/logs/*.err"))
-    tails = [f"--- {p.name}\n" + p.read_text(errors="replace")[-2000:] for p in logs if p.stat().st_size]
-    return "\n".join([f"--- ray start\n{start_output[-4000:]}", *tails])
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head on 127.0.0.1 with the dashboard and job server, run from this venv.
-
-    Started the way an operator starts a venv-based head: with the venv activated, so that
-    the job entrypoint's `python` is the venv's. Token auth is off for this private test
-    head so the result does not depend on the test process's Ray auth state (which a
-    local ray.init() elsewhere in the session switches on); see the runbook for clusters
-    with token auth."""
-    temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's unix sockets live here
-    dashboard_port = free_port()
-    address = f"http://127.0.0.1:{dashboard_port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(
-        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        VIRTUAL_ENV=str(VENV_BIN.parent),
-        RAY_TMPDIR=temp_dir,
-        RAY_AUTH_MODE="disabled",
-        RAY_USAGE_STATS_ENABLED="0",
-    )
-    ports = {
-        "--port": free_port(),
-        "--dashboard-port": dashboard_port,
-        "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-    }
-    cmd = [
-        str(VENV_BIN / "ray"), "start", "--head", "--dashboard-host=127.0.0.1", "--num-cpus=2",
-        "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        f"--object-store-memory={200 * 1024 * 1024}",
-        *(f"{flag}={port}" for flag, port in ports.items()),
-    ]  # fmt: skip
-    start = subprocess.Popen(cmd, env=env, cwd=temp_dir, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sid = start.pid  # session leader: every Ray process it starts stays in this session
+    """A Ray head on this machine with the dashboard and job server, run from this venv
+    (see tests/ray_cluster.py; the runbook covers clusters with token auth)."""
     try:
-        output, _ = start.communicate(timeout=180)
-        if start.returncode != 0:
-            pytest.fail(f"`ray start --head` exited {start.returncode}\n{_diagnostics(temp_dir, output)}")
-        deadline = time.monotonic() + 60
-        while not _dashboard_ready(address):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the Ray dashboard at {address} did not answer within 60 s\n{_diagnostics(temp_dir, output)}")
-            time.sleep(0.5)
-        yield RayHead(address, temp_dir, sid)
+        cluster = start_cluster(head_cpus=2)
+    except RayStartError as e:
+        pytest.fail(str(e))
+    try:
+        yield cluster
     finally:
-        start.kill() if start.poll() is None else None
-        kill_session(sid)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        cluster.stop()
 
 
 def _wait_status(address: str, job_id: str, wanted: set[str], timeout_s: float = 120) -> str:
@@ -230,7 +114,8 @@ def test_staged_working_dir_holds_the_code_and_a_config_without_secrets(tmp_path
 
     staging = jobs._stage_working_dir(load_config(base=raw))
     try:
-        assert sorted(p.name for p in staging.iterdir()) == ["illada", "job_config.yaml", "pipelines"]
+        assert sorted(p.name for p in staging.iterdir()) == ["configs", "illada", "job_config.yaml", "pipelines"]
+        assert (staging / "configs" / "model" / "tiny.yaml").exists()  # presets a config may name
         assert (staging / "pipelines" / "pretrain_data.py").exists() and (staging / "illada" / "jobs.py").exists()
         assert not list(staging.rglob("__pycache__"))
         text = (staging / "job_config.yaml").read_text()
@@ -271,3 +156,65 @@ def test_job_python_is_the_venv_and_stop_ends_a_long_job(ray_head, capsys):
     assert _wait_status(ray_head.address, job_id, {"STOPPED", "FAILED", "SUCCEEDED"}, timeout_s=60) == "STOPPED"
     assert main(["jobs", "stop", job_id, "--address", ray_head.address]) == 0
     assert "was not running" in capsys.readouterr().out
+
+
+def test_a_training_job_runs_from_a_working_dir_or_from_an_image_with_its_config_in_the_environment(tmp_path, monkeypatch):
+    from illada import jobs
+    from illada.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    raw = {
+        "name": "tiny",
+        "root": "run",
+        "storage": {"s3": {"key": "AKIASTAGEDKEY", "secret": "staged-secret-value"}},
+        "model": {"preset": "tiny"},
+        "train": {"steps": 2, "global_batch_size": 2, "checkpoint": {"dir": "ckpt"}, "init_from": "old/step_00000010"},
+    }
+    config = load_config(base=raw)
+
+    spec = jobs.job_spec(config, "train", "pipelines.pretrain", env={"NCCL_DEBUG": "INFO"})
+    try:
+        assert spec.entrypoint == "python -m pipelines.pretrain job_config.yaml"
+        from illada.lineage.record import GIT_COMMIT, code_version
+
+        env_vars = spec.runtime_env.pop("env_vars")
+        assert spec.runtime_env == {"working_dir": str(spec.staging)}
+        assert env_vars["NCCL_DEBUG"] == "INFO"
+        assert env_vars["ILLADA_GIT_COMMIT"] == code_version()[GIT_COMMIT]  # the staged copy has no .git
+        assert spec.metadata == {"illada.kind": "train", "illada.config": "tiny", "illada.root": str(tmp_path / "run")}
+        staged = load_config(spec.staging / "job_config.yaml")
+        assert staged.train.checkpoint.dir == str(tmp_path / "ckpt") and staged.train.init_from == str(tmp_path / "old/step_00000010")
+    finally:
+        shutil.rmtree(spec.staging)
+
+    spec = jobs.job_spec(config, "train", "pipelines.pretrain", image="registry.example/illada-gpu:1", env={"NCCL_DEBUG": "INFO"})
+    assert spec.staging is None and spec.entrypoint == "python -m pipelines.pretrain"
+    env_vars = spec.runtime_env.pop("env_vars")
+    assert spec.runtime_env == {"image_uri": "registry.example/illada-gpu:1"}
+    assert env_vars["NCCL_DEBUG"] == "INFO" and "staged-secret-value" not in env_vars[jobs.CONFIG_ENV]
+    monkeypatch.setenv(jobs.CONFIG_ENV, env_vars[jobs.CONFIG_ENV])
+    from_env = jobs.load_job_config(None, ["train.steps=3"])
+    assert from_env.train.steps == 3 and from_env.model == config.model
+    assert from_env.train.checkpoint.dir == str(tmp_path / "ckpt")
+
+
+def test_the_training_entrypoint_has_help_and_says_when_it_has_no_config():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "ILLADA_JOB_CONFIG"}
+    shown = subprocess.run([sys.executable, "-m", "pipelines.pretrain", "--help"], check=False, cwd=REPO, env=env, capture_output=True, text=True)
+    assert shown.returncode == 0 and "ILLADA_JOB_CONFIG" in shown.stdout
+    bare = subprocess.run([sys.executable, "-m", "pipelines.pretrain"], check=False, cwd=REPO, env=env, capture_output=True, text=True)
+    assert bare.returncode == 2 and "illada: error: no config: give a config file, or set ILLADA_JOB_CONFIG" in bare.stderr
+
+
+def test_submit_train_refuses_a_config_without_training_or_a_malformed_env(tmp_path, tiny_config_factory, capsys):
+    raw = tiny_config_factory.raw(str(tmp_path / "run"), str(tmp_path / "raw"))
+    config_path = tiny_config_factory.write_yaml(raw, tmp_path / "tiny.yaml")  # a data config: no model, no train
+    assert main(["submit", "train", config_path, "--address", "http://127.0.0.1:1"]) == 2
+    assert "illada: error: config 'tiny' has no model, train section; this command needs it" in capsys.readouterr().err
+    assert main(["submit", "pipeline", config_path, "--address", "http://127.0.0.1:1", "--env", "NOEQUALS"]) == 2
+    assert "illada: error: --env 'NOEQUALS' must look like KEY=VALUE" in capsys.readouterr().err

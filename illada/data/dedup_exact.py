@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 import xxhash
 
 from illada import storage
-from illada.config import Config
 from illada.data.documents import DocumentWriter, iter_batches, read_table
 from illada.pipeline.stage import Stage, StageContext, file_entry
 
@@ -134,18 +133,7 @@ def run_dedup_exact(ctx: StageContext) -> dict:
 
 
 def _manifest_body(ctx: StageContext, docs: list[dict], specs: dict, results: dict, reduced: dict) -> dict:
-    files, per_source = [], {}
-    source_of_file = {i: f["source"] for i, f in enumerate(docs)}
-    for tid in sorted(results):
-        r = results[tid]
-        files.append(file_entry(ctx, specs[tid]["out_url"], "documents", r["docs"]["sha256"], r["docs"]["bytes"], rows=r["docs"]["rows"], source=r["source"], order=len(files)))
-        s = per_source.setdefault(r["source"], {"documents_in": 0, "duplicates": 0, "documents_out": 0, "duplicate_of_source": {}})
-        s["documents_in"] += r["documents_in"]
-        s["duplicates"] += r["duplicates"]
-        s["documents_out"] += r["docs"]["rows"]
-        for kept_file, count in r["kept_in_files"].items():
-            kept_source = source_of_file[int(kept_file)]
-            s["duplicate_of_source"][kept_source] = s["duplicate_of_source"].get(kept_source, 0) + count
+    files, per_source = filtered_files(ctx, docs, specs, results, "duplicates")
     stats = {
         "sources": per_source,
         "documents_in": sum(s["documents_in"] for s in per_source.values()),
@@ -153,6 +141,24 @@ def _manifest_body(ctx: StageContext, docs: list[dict], specs: dict, results: di
         "documents_out": sum(s["documents_out"] for s in per_source.values()),
     }
     return {"files": files, "stats": stats}
+
+
+def filtered_files(ctx: StageContext, docs: list[dict], specs: dict, results: dict, dropped: str) -> tuple[list[dict], dict]:
+    """A dedup stage's output files (in input order) and per-source counts: documents in and
+    out, `dropped` (the name of the filter tasks' count) and which source kept each copy."""
+    files, per_source = [], {}
+    source_of_file = {i: f["source"] for i, f in enumerate(docs)}
+    for tid in sorted(results):
+        r = results[tid]
+        files.append(file_entry(ctx, specs[tid]["out_url"], "documents", r["docs"]["sha256"], r["docs"]["bytes"], rows=r["docs"]["rows"], source=r["source"], order=len(files)))
+        s = per_source.setdefault(r["source"], {"documents_in": 0, dropped: 0, "documents_out": 0, "duplicate_of_source": {}})
+        s["documents_in"] += r["documents_in"]
+        s[dropped] += r[dropped]
+        s["documents_out"] += r["docs"]["rows"]
+        for kept_file, count in r["kept_in_files"].items():
+            kept_source = source_of_file[int(kept_file)]
+            s["duplicate_of_source"][kept_source] = s["duplicate_of_source"].get(kept_source, 0) + count
+    return files, per_source
 
 
 def passthrough(files: list[dict], stage: str) -> dict:

@@ -40,9 +40,9 @@ from datatrove.utils.typeshelper import StatHints
 
 from illada import storage
 from illada.config import Config
-from illada.data.dedup_exact import passthrough
+from illada.data.dedup_exact import filtered_files, passthrough
 from illada.data.documents import DocumentWriter, iter_batches, read_table
-from illada.pipeline.stage import Stage, StageContext, file_entry
+from illada.pipeline.stage import Stage, StageContext
 
 EDGE_SCHEMA = pa.schema([("node", pa.int64()), ("neighbor", pa.int64())])
 CLUSTER_SCHEMA = pa.schema([("node", pa.int64()), ("root", pa.int64())])
@@ -363,18 +363,7 @@ def run_dedup_fuzzy(ctx: StageContext) -> dict:
 
 
 def _manifest_body(ctx: StageContext, docs: list[dict], specs: dict, results: dict, graph: dict) -> dict:
-    files, per_source = [], {}
-    source_of_file = {i: f["source"] for i, f in enumerate(docs)}
-    for tid in sorted(results):
-        r = results[tid]
-        files.append(file_entry(ctx, specs[tid]["out_url"], "documents", r["docs"]["sha256"], r["docs"]["bytes"], rows=r["docs"]["rows"], source=r["source"], order=len(files)))
-        s = per_source.setdefault(r["source"], {"documents_in": 0, "near_duplicates": 0, "documents_out": 0, "duplicate_of_source": {}})
-        s["documents_in"] += r["documents_in"]
-        s["near_duplicates"] += r["near_duplicates"]
-        s["documents_out"] += r["docs"]["rows"]
-        for kept_file, count in r["kept_in_files"].items():
-            kept_source = source_of_file[int(kept_file)]
-            s["duplicate_of_source"][kept_source] = s["duplicate_of_source"].get(kept_source, 0) + count
+    files, per_source = filtered_files(ctx, docs, specs, results, "near_duplicates")
     stats = {
         "sources": per_source,
         "documents_in": sum(s["documents_in"] for s in per_source.values()),

@@ -1,6 +1,8 @@
 """Stage 1, ingest: raw files -> normalised documents, with every bad record quarantined.
 
-Formats: jsonl (plain, .gz, .zst), parquet, and text files (one document per file). A
+Formats: jsonl (plain, .gz, .zst), parquet, and text files (one document per file); and
+chat: jsonl or parquet records holding a conversation (a list of {role, content}), checked
+and stored as its canonical JSON text (illada.data.conversations) for the SFT pipeline. A
 task reads one jsonl/parquet file, or a group of text files, streaming; it writes
 `docs/<source>/<task>.parquet` and, if any record was bad, `quarantine/<source>/<task>.jsonl`
 with the reason, the location and the raw record.
@@ -20,6 +22,7 @@ import pyarrow.parquet as pq
 
 from illada import storage
 from illada.config import Config, IngestConfig, SourceConfig
+from illada.data import conversations
 from illada.data.documents import DocumentWriter
 from illada.pipeline.stage import Stage, StageContext, file_entry
 
@@ -100,8 +103,11 @@ def plan_tasks(source: SourceConfig, files: list[str]) -> list[dict]:
 
 
 def read_records(source: SourceConfig, url: str, name: str) -> Iterator[Record]:
-    fmt = source.format if source.format != "auto" else detect_format(url)
-    if fmt == "jsonl":
+    fmt = source.format if source.format not in ("auto", "chat") else detect_format(url)
+    if source.format == "chat":
+        records = _parquet_records(source, url, name) if fmt == "parquet" else _jsonl_records(source, url, name)
+        yield from (_conversation(r, source.messages_field) for r in records)
+    elif fmt == "jsonl":
         yield from _jsonl_records(source, url, name)
     elif fmt == "parquet":
         yield from _parquet_records(source, url, name)
@@ -146,8 +152,10 @@ def _lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
 def _parquet_records(source: SourceConfig, url: str, name: str) -> Iterator[Record]:
     with storage.open_read(url) as f:
         parquet = pq.ParquetFile(f)
-        if source.text_field not in parquet.schema_arrow.names:
-            yield Record(f"{name}", raw={"columns": parquet.schema_arrow.names}, problem=f"missing_text: no column {source.text_field!r}")
+        field = _content_field(source)
+        if field not in parquet.schema_arrow.names:
+            reason = "missing_messages" if source.format == "chat" else "missing_text"
+            yield Record(f"{name}", raw={"columns": parquet.schema_arrow.names}, problem=f"{reason}: no column {field!r}")
             return
         row = 0
         for batch in parquet.iter_batches(batch_size=1024):
@@ -156,9 +164,25 @@ def _parquet_records(source: SourceConfig, url: str, name: str) -> Iterator[Reco
                 row += 1
 
 
+def _content_field(source: SourceConfig) -> str:
+    return source.messages_field if source.format == "chat" else source.text_field
+
+
 def _record_from_mapping(source: SourceConfig, obj: dict, location: str, raw: object) -> Record:
-    metadata = {k: v for k, v in obj.items() if k not in (source.text_field, source.id_field)}
-    return Record(location, text=obj.get(source.text_field), doc_id=obj.get(source.id_field) if source.id_field else None, metadata=metadata, raw=raw)
+    field = _content_field(source)
+    metadata = {k: v for k, v in obj.items() if k not in (field, source.id_field)}
+    return Record(location, text=obj.get(field), doc_id=obj.get(source.id_field) if source.id_field else None, metadata=metadata, raw=raw)
+
+
+def _conversation(record: Record, field: str) -> Record:
+    """A chat record with its messages checked and replaced by their canonical text."""
+    if record.problem:
+        return record
+    try:
+        record.text = conversations.canonical(record.text, field)
+    except conversations.InvalidConversation as e:
+        record.problem = str(e)
+    return record
 
 
 def _text_record(url: str, name: str) -> Record:
@@ -243,7 +267,7 @@ def ingest_task(spec: dict) -> dict:
         for file in spec["files"]:
             for record in read_records(source, file["url"], file["name"]):
                 seen += 1
-                problem = problem_of(record, cfg, source.text_field)
+                problem = problem_of(record, cfg, _content_field(source))
                 if problem:
                     reasons[problem.split(":", 1)[0]] += 1
                     quarantine.write(_quarantine_line(source.name, record, problem))

@@ -1,10 +1,17 @@
-"""The packed-sequence shard format: zstd-compressed Arrow IPC files.
+"""The shard formats: zstd-compressed Arrow IPC files.
 
-Each row is one training sequence of exactly `seq_len` token ids, with the document
-segments it holds (ids and end offsets), its source, and how many trailing tokens are
-padding. Every record batch of a shard holds ROWS_PER_BATCH rows except the shard's
-last, so a reader finds row r in batch r // ROWS_PER_BATCH and decompresses only that
-batch, never the whole shard.
+Pre-training (packed sequences): each row is one training sequence of exactly `seq_len`
+token ids, with the document segments it holds (ids and end offsets), its source, and how
+many trailing tokens are padding.
+
+SFT (samples): each row is one conversation — its prompt, its response and end-of-text
+padding up to a length bucket — with the prompt's and response's lengths, so
+`tokens[:prompt_len]` is the prompt and `tokens[prompt_len:prompt_len + response_len]` the
+response.
+
+Every record batch of a shard holds ROWS_PER_BATCH rows except the shard's last, so a
+reader finds row r in batch r // ROWS_PER_BATCH and decompresses only that batch, never
+the whole shard.
 """
 
 from __future__ import annotations
@@ -33,14 +40,28 @@ def sequence_schema(seq_len: int) -> pa.Schema:
     )
 
 
+def sample_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("tokens", pa.list_(pa.int32()), nullable=False),  # prompt, response, end-of-text padding
+            pa.field("prompt_len", pa.int32(), nullable=False),
+            pa.field("response_len", pa.int32(), nullable=False),  # with its end-of-turn (if not truncated)
+            pa.field("pad", pa.int32(), nullable=False),
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+        ],
+        metadata={"illada.format": "sft-samples/1", "rows_per_batch": str(ROWS_PER_BATCH)},
+    )
+
+
 class ShardWriter:
     """Writes sequences into shards of at most `per_shard` rows: `<prefix>-<k>.arrow`."""
 
-    def __init__(self, prefix: str, seq_len: int, per_shard: int, zstd_level: int):
+    def __init__(self, prefix: str, seq_len: int, per_shard: int, zstd_level: int, schema: pa.Schema | None = None):
         self.prefix = prefix
         self.seq_len = seq_len
         self.per_shard = per_shard
-        self.schema = sequence_schema(seq_len)
+        self.schema = schema or sequence_schema(seq_len)
         self.options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=zstd_level))
         self.shards: list[dict] = []
         self._rows: list[dict] = []
@@ -65,7 +86,7 @@ class ShardWriter:
             rows, self._rows = self._rows[:take], self._rows[take:]
             self._open.ipc.write_batch(self._batch(rows))
             info["sequences"] += take
-            info["tokens"] += sum(self.seq_len - r["pad"] for r in rows)
+            info["tokens"] += sum(len(r["tokens"]) - r["pad"] for r in rows)
             info["pad"] += sum(r["pad"] for r in rows)
             if info["sequences"] >= self.per_shard:
                 self._finish_shard()
@@ -102,6 +123,27 @@ class ShardWriter:
         if self._open is not None:
             self._finish_shard()
         return self.shards
+
+
+class SampleShardWriter(ShardWriter):
+    """Writes SFT samples (of any lengths) into shards of at most `per_shard` rows."""
+
+    def __init__(self, prefix: str, per_shard: int, zstd_level: int):
+        super().__init__(prefix, 0, per_shard, zstd_level, schema=sample_schema())
+
+    def write(self, tokens: np.ndarray, prompt_len: int, response_len: int, pad: int, sample_id: str, source: str) -> None:
+        assert prompt_len + response_len + pad == len(tokens), (prompt_len, response_len, pad, len(tokens))
+        self._rows.append({"tokens": tokens, "prompt_len": prompt_len, "response_len": response_len, "pad": pad, "id": sample_id, "source": source})
+        if len(self._rows) >= ROWS_PER_BATCH:
+            self._flush(final=False)
+
+    def _batch(self, rows: list[dict]) -> pa.RecordBatch:
+        offsets = np.concatenate([[0], np.cumsum([len(r["tokens"]) for r in rows])]).astype(np.int32)
+        flat = pa.array(np.concatenate([r["tokens"] for r in rows]).astype(np.int32))
+        columns = [pa.ListArray.from_arrays(pa.array(offsets), flat)]
+        columns += [pa.array([r[k] for r in rows], pa.int32()) for k in ("prompt_len", "response_len", "pad")]
+        columns += [pa.array([r[k] for r in rows], pa.string()) for k in ("id", "source")]
+        return pa.record_batch(columns, schema=self.schema)
 
 
 @dataclass

@@ -2,17 +2,26 @@
 
 A stage is up to date when its manifest exists and was made with the fingerprint it would
 have now (same code, config slice and input digests). `only` re-runs one stage, `start`
-re-runs a stage and everything after it, `force` re-runs all of them.
+re-runs a stage and everything after it, `force` re-runs all of them. Every run is recorded
+in MLflow (illada.lineage.pipeline): a run per pipeline, a nested run per stage that runs.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 from illada import storage
 from illada.config import Config
-from illada.pipeline.stage import FINGERPRINT, MANIFEST, Stage, StageContext, write_manifest
+from illada.lineage.pipeline import PipelineRecorder
+from illada.pipeline.stage import (
+    FINGERPRINT,
+    MANIFEST,
+    Stage,
+    StageContext,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,27 +75,31 @@ def run_pipeline(
         forced.add(only)
 
     manifests: dict[str, dict] = {}
-    for stage in stages:
-        if only and stage.name != only:
-            manifest = read_manifest(config, stage.name)
-            if manifest is not None:
-                manifests[stage.name] = manifest
-            continue
-        missing = [name for name in stage.inputs if name not in manifests]
-        if missing:
-            raise PipelineError(
-                f"stage {stage.name!r} needs {', '.join(missing)} to be complete first; "
-                f"run `illada pipeline run CONFIG --from {missing[0]}`"
-            )
-        upstream = {name: manifests[name] for name in stage.inputs}
-        fingerprint = stage.fingerprint(config, upstream)
-        current = read_manifest(config, stage.name)
-        if stage.name not in forced and current is not None and current["fingerprint"] == fingerprint:
-            log.info("stage %s is up to date (digest %s); skipping", stage.name, current["digest"][:12])
-            manifests[stage.name] = current
-            continue
-        ensure_ray(config.ray)
-        manifests[stage.name] = _run_stage(config, stage, upstream, fingerprint, fresh=stage.name in forced)
+    with PipelineRecorder(config) as recorder:  # an MLflow run, a nested one per stage that runs
+        for stage in stages:
+            if only and stage.name != only:
+                manifest = read_manifest(config, stage.name)
+                if manifest is not None:
+                    manifests[stage.name] = manifest
+                    recorder.skipped(stage.name, manifest)
+                continue
+            missing = [name for name in stage.inputs if name not in manifests]
+            if missing:
+                raise PipelineError(
+                    f"stage {stage.name!r} needs {', '.join(missing)} to be complete first; "
+                    f"run `illada pipeline run CONFIG --from {missing[0]}`"
+                )
+            upstream = {name: manifests[name] for name in stage.inputs}
+            fingerprint = stage.fingerprint(config, upstream)
+            current = read_manifest(config, stage.name)
+            if stage.name not in forced and current is not None and current["fingerprint"] == fingerprint:
+                log.info("stage %s is up to date (digest %s); skipping", stage.name, current["digest"][:12])
+                manifests[stage.name] = current
+                recorder.skipped(stage.name, current)
+                continue
+            ensure_ray(config.ray)
+            fresh = stage.name in forced
+            manifests[stage.name] = recorder.stage(stage.name, upstream, partial(_run_stage, config, stage, upstream, fingerprint, fresh))
     return manifests
 
 

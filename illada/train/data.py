@@ -149,16 +149,20 @@ class ShardReader:
         self._readers.move_to_end(url)
         return self._readers[url]
 
-    def read(self, url: str, row: int) -> tuple[np.ndarray, int]:
+    def locate(self, url: str, row: int) -> tuple[pa.RecordBatch, int]:
+        """The record batch holding a shard's row, and the row's index in it."""
         reader = self._reader(url)
         rows_per_batch = int(reader.schema.metadata[b"rows_per_batch"])
         key = (url, row // rows_per_batch)
         if key != self._batch_key:
             self._batch, self._batch_key = reader.get_batch(key[1]), key
-        i = row % rows_per_batch
-        seq_len = self._batch.schema.field("tokens").type.list_size
-        tokens = self._batch.column("tokens").values.to_numpy()[i * seq_len : (i + 1) * seq_len]
-        return tokens, int(self._batch.column("pad")[i].as_py())
+        return self._batch, row % rows_per_batch
+
+    def read(self, url: str, row: int) -> tuple[np.ndarray, int]:
+        batch, i = self.locate(url, row)
+        seq_len = batch.schema.field("tokens").type.list_size
+        tokens = batch.column("tokens").values.to_numpy()[i * seq_len : (i + 1) * seq_len]
+        return tokens, int(batch.column("pad")[i].as_py())
 
 
 class PackedData:
@@ -186,17 +190,20 @@ class PackedData:
 
     def next_batch(self, global_batch: int) -> np.ndarray:
         """This rank's slice [global_batch // dp_size, seq_len] of the next global batch."""
-        if global_batch % self.dp_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by data-parallel size {self.dp_size}")
-        draws = self.schedule.draw(global_batch)
-        per_rank = global_batch // self.dp_size
         rows = []
-        for source, nth in draws[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]:
-            url, row = self.sources[source].locate(self._row(source, nth))
+        for source, url, row in self._draw(global_batch):
             tokens, pad = self.reader.read(url, row)
             self.tokens_seen[source] += len(tokens) - pad
             rows.append(tokens)
         return np.stack(rows).astype(np.int64)
+
+    def _draw(self, global_batch: int) -> list[tuple[str, str, int]]:
+        """(source, shard url, row) of each of this rank's samples of the next global batch."""
+        if global_batch % self.dp_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by data-parallel size {self.dp_size}")
+        draws = self.schedule.draw(global_batch)
+        per_rank = global_batch // self.dp_size
+        return [(source, *self.sources[source].locate(self._row(source, nth))) for source, nth in draws[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]]
 
     def state_dict(self) -> dict:
         return {"schedule": self.schedule.state_dict()}

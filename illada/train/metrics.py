@@ -37,24 +37,41 @@ def peak_flops() -> float | None:
 
 
 class MetricsLogger:
-    """Logs every `log_interval` steps on global rank 0; MLflow gets every step's metrics."""
+    """Logs every `log_interval` steps on global rank 0; MLflow gets every step's metrics and,
+    through illada.lineage, the run's data, its parent checkpoint and each checkpoint."""
 
-    def __init__(self, config: Config, flops_per_token: float, peak_flops_per_gpu: float | None):
+    def __init__(
+        self,
+        config: Config,
+        flops_per_token: float,
+        peak_flops_per_gpu: float | None,
+        *,
+        data_manifest: dict | None = None,
+        mix: dict[str, float] | None = None,
+        parent: str | None = None,
+    ):
         self.interval = config.train.log_interval
         self.flops_per_token = flops_per_token
         self.peak = peak_flops_per_gpu
         self.world = dist.get_world_size()
         self.rank0 = dist.get_rank() == 0
         self.mlflow_run = None
+        self.lineage = None
         if self.rank0:
             import mlflow
 
-            from illada.tracking import experiment_name, tracking_uri
+            from illada.lineage.training import TrainingRecorder
+            from illada.tracking import ensure_experiment, tracking_uri
 
             mlflow.set_tracking_uri(tracking_uri(config))
-            mlflow.set_experiment(experiment_name(config))
+            experiment_id = ensure_experiment(config)
+            mlflow.set_experiment(experiment_id=experiment_id)
             self.mlflow_run = mlflow.start_run(run_name=f"{config.name}-train")
             mlflow.log_params({"steps": config.train.steps, "global_batch_size": config.train.global_batch_size, "tp": config.train.parallel.tensor, "pp": config.train.parallel.pipeline, "world_size": self.world})
+            if data_manifest is not None:
+                run_id = self.mlflow_run.info.run_id
+                self.lineage = TrainingRecorder(config, run_id, experiment_id, data_manifest, mix or data_manifest["stats"]["mix"], parent)
+                self.lineage.log_start()
 
     def log_step(self, step: int, loss: float, lr: float, grad_norm, tokens: int, seconds: float, tokens_per_source: dict) -> None:
         if not self.rank0:
@@ -75,13 +92,18 @@ class MetricsLogger:
             log.info("step %d loss %.4f lr %.2e%s tokens/s %.0f%s", step, loss, lr, gn, tokens_per_s, mfu)
 
     def log_checkpoint(self, path: str) -> None:
-        """Record a complete checkpoint (its illada.json says what it holds)."""
+        """Record a complete checkpoint (its illada.json says what it holds) as an MLflow
+        LoggedModel pointing at it."""
         if self.rank0:
             import mlflow
 
             mlflow.set_tag("last_checkpoint", path)
+            if self.lineage is not None:
+                self.lineage.log_checkpoint(path)
 
     def close(self) -> None:
+        if self.lineage is not None:
+            self.lineage.close()  # the checkpoint records still being written
         if self.mlflow_run is not None:
             import mlflow
 

@@ -29,8 +29,9 @@ from illada import storage
 from illada.config import Config, TrainConfig
 from illada.model.build import build_model, transformer_config
 from illada.model.config import ModelConfig
-from illada.objective import Noised, add_noise, diffusion_loss, random_length
+from illada.objective import Noised, add_noise, answer_length_loss, diffusion_loss, random_length
 from illada.parallel import init_parallel
+from illada.train import sft
 from illada.train.data import PackedData, stable_seed
 from illada.train.metrics import MetricsLogger, flops_per_token, peak_flops
 
@@ -47,6 +48,7 @@ class TrainState:
 class Batch:
     clean: torch.Tensor  # the labels
     noised: Noised  # noised.tokens is the input
+    answer_len: torch.Tensor | None = None  # SFT in LLaDA mode: the loss divides by it
 
 
 def data_manifest(train: TrainConfig) -> dict:
@@ -69,7 +71,7 @@ def build(config: Config):
         bf16=bf16,
         sequence_parallel=train.parallel.sequence_parallel,
     )
-    tconfig.variable_seq_lengths = train.parallel.pipeline > 1 and train.random_length_fraction > 0
+    tconfig.variable_seq_lengths = train.parallel.pipeline > 1 and (train.random_length_fraction > 0 or train.objective == "sft")
     model = build_model(
         model_cfg,
         tconfig,
@@ -130,12 +132,28 @@ def micro_batches(tokens: np.ndarray, train: TrainConfig, step: int, mask_id: in
     return out
 
 
+def sft_micro_batches(samples: list[sft.Sample], train: TrainConfig, step: int, special_ids: dict[str, int], device) -> list[Batch]:
+    """SFT's micro-batches, seeded as `micro_batches` are; each padded with end-of-text to
+    its longest sample's bucket (illada.train.sft)."""
+    first = parallel_state.get_data_parallel_rank() * len(samples)
+    out = []
+    for m in range(0, len(samples), train.micro_batch_size):
+        g = torch.Generator().manual_seed(stable_seed(train.seed, step, first + m))
+        clean, noised, answer_len = sft.micro_batch(samples[m : m + train.micro_batch_size], train.sft.mode, special_ids, g)
+        noised = Noised(noised.tokens.to(device), noised.masked.to(device), noised.p.to(device))
+        out.append(Batch(clean.to(device), noised, None if answer_len is None else answer_len.to(device)))
+    return out
+
+
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
     token_ce = model(input_ids=batch.noised.tokens, position_ids=None, attention_mask=None, labels=batch.clean)
 
     def loss_func(output: torch.Tensor):
-        loss = diffusion_loss(output.float(), batch.noised)
+        if batch.answer_len is None:
+            loss = diffusion_loss(output.float(), batch.noised)
+        else:
+            loss = answer_length_loss(output.float(), batch.noised, batch.answer_len)
         # A copy: megatron divides the returned loss by the micro-batch count in place.
         return loss, {"loss": loss.detach().clone()}
 
@@ -172,7 +190,11 @@ def train_loop(config: Config, on_step=None) -> TrainState:
     storage.configure(config.storage)
     manifest = data_manifest(train)
     check_data_fits_model(manifest, model_cfg)
+    sft.check_objective(manifest, train)
     mix = train.mix or manifest["stats"]["mix"]
+    if train.objective == "sft":
+        config = sft.with_steps(config, manifest, mix)  # train.sft.epochs -> train.steps
+        train = config.train
     dp_size = parallel_state.get_data_parallel_world_size()
     if train.global_batch_size % (dp_size * train.micro_batch_size):
         raise ValueError(
@@ -180,7 +202,7 @@ def train_loop(config: Config, on_step=None) -> TrainState:
             f"x train.micro_batch_size ({train.micro_batch_size})"
         )
     model, optimizer, scheduler, tconfig = build(config)
-    data = PackedData(manifest, train.data_root, mix, train.seed, parallel_state.get_data_parallel_rank(), dp_size)
+    data = (sft.SFTData if train.objective == "sft" else PackedData)(manifest, train.data_root, mix, train.seed, parallel_state.get_data_parallel_rank(), dp_size)
     state = TrainState(tokens_per_source=dict.fromkeys(data.schedule.names, 0))
     checkpointer = Checkpointer(config)
     checkpointer.restore(model, optimizer, scheduler, data, state)
@@ -193,7 +215,11 @@ def train_loop(config: Config, on_step=None) -> TrainState:
     while state.step < last_step:
         start = time.perf_counter()
         before = dict(data.tokens_seen)
-        batches = micro_batches(data.next_batch(train.global_batch_size), train, state.step, mask_id, _device())
+        rows = data.next_batch(train.global_batch_size)
+        if train.objective == "sft":
+            batches = sft_micro_batches(rows, train, state.step, manifest["stats"]["special_ids"], _device())
+        else:
+            batches = micro_batches(rows, train, state.step, mask_id, _device())
         optimizer.zero_grad()
         model.zero_grad_buffer()
         losses = forward_backward(

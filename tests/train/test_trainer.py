@@ -4,6 +4,7 @@ saved at TP=2 or PP=2 load at TP=1 with the same logits."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from illada.train.checkpoint import MARKER, complete_checkpoints
-from tests.conftest import REPO, TinyConfigFactory
+from tests.conftest import REPO
 from tests.distributed import run_distributed
 
 STEPS = 4
@@ -30,39 +31,34 @@ TRAIN = {
 MODEL = {"preset": "tiny", "vocab_size": 512, "max_seq_len": 64}
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory, ray_local):
-    from illada.pipeline.runner import run_pipeline
-    from pipelines.pretrain_data import STAGES
-
-    tmp = tmp_path_factory.mktemp("train-data")
-    run_pipeline(TinyConfigFactory()(str(tmp / "run"), str(tmp / "raw"), docs_per_source=30), STAGES)
-    return str(tmp / "run")
-
-
 def train(tmp_path: Path, name: str, data_root: str, nproc: int, *overrides: str) -> Path:
     """Run `illada train` with nproc processes (torchrun); returns the run root."""
     root = tmp_path / name
     root.mkdir(exist_ok=True)
-    config = {"name": "tiny", "root": str(root), "model": MODEL, "train": {**TRAIN, "data_root": data_root}}
+    config = {"name": experiment(root), "root": str(root), "model": MODEL, "train": {**TRAIN, "data_root": data_root}}
     config_path = root / "train.yaml"
     config_path.write_text(json.dumps(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # MLflow: the session's store (conftest)
     cmd = [sys.executable, "-m", "illada.cli", "train", str(config_path), *overrides, "--nproc-per-node", str(nproc)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return root
 
 
+def experiment(root: Path) -> str:
+    """One config name, so one MLflow experiment, per run root."""
+    return "train-" + hashlib.sha256(str(root).encode()).hexdigest()[:12]
+
+
 def losses(root: Path) -> dict[int, float]:
     """Every step's loss over all of this root's training runs (resumed runs continue)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    client = MlflowClient()
     out = {}
-    for exp in client.search_experiments():
-        for run in client.search_runs([exp.experiment_id]):
-            out.update({m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")})
+    exp = client.get_experiment_by_name(f"illada/{experiment(root)}")
+    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]):
+        out.update({m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")})
     return dict(sorted(out.items()))
 
 
@@ -71,22 +67,22 @@ def latest_info(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, data_root):
+def baseline(tmp_path_factory, train_data_root):
     """One process, TP=PP=DP=1, 4 uninterrupted steps."""
-    return train(tmp_path_factory.mktemp("dp1"), "dp1", data_root, 1)
+    return train(tmp_path_factory.mktemp("dp1"), "dp1", train_data_root, 1)
 
 
 LAYOUTS = {"dp1": (1, 1, 1), "dp2": (2, 1, 1), "tp2": (2, 2, 1), "pp2": (2, 1, 2)}  # processes, TP, PP
 
 
 @pytest.fixture(scope="module")
-def layout_runs(tmp_path_factory, data_root, baseline):
+def layout_runs(tmp_path_factory, train_data_root, baseline):
     """The same training at each layout, all initialised from the baseline's step-2 weights
     (a fresh model's random init depends on the pipeline layout; a checkpoint's does not)."""
     tmp = tmp_path_factory.mktemp("layouts")
     init = complete_checkpoints(str(baseline / "checkpoints"))[0]
     return {
-        name: train(tmp, name, data_root, nproc, f"train.parallel.tensor={tp}", f"train.parallel.pipeline={pp}", f"train.init_from={init}")
+        name: train(tmp, name, train_data_root, nproc, f"train.parallel.tensor={tp}", f"train.parallel.pipeline={pp}", f"train.init_from={init}")
         for name, (nproc, tp, pp) in LAYOUTS.items()
     }
 
@@ -100,14 +96,14 @@ def test_loss_curve_is_the_same_at_every_parallel_layout(layout_runs):
         assert latest_info(root)["parent"].endswith("step_00000002")
 
 
-def test_resume_continues_exactly_past_a_crashed_save(tmp_path, data_root, baseline):
-    root = train(tmp_path, "resumed", data_root, 2, f"train.exit_after_steps={STEPS // 2}", "train.checkpoint.keep_last=1")
+def test_resume_continues_exactly_past_a_crashed_save(tmp_path, train_data_root, baseline):
+    root = train(tmp_path, "resumed", train_data_root, 2, f"train.exit_after_steps={STEPS // 2}", "train.checkpoint.keep_last=1")
     assert latest_info(root)["step"] == STEPS // 2
     crashed = root / "checkpoints" / "step_00000003"  # a save that died before its marker
     crashed.mkdir()
     (crashed / "__0_0.distcp").write_bytes(b"partial")
 
-    train(tmp_path, "resumed", data_root, 2, "train.checkpoint.keep_last=1")
+    train(tmp_path, "resumed", train_data_root, 2, "train.checkpoint.keep_last=1")
     assert losses(root) == pytest.approx(losses(baseline), rel=1e-5)
     info, base_info = latest_info(root), latest_info(baseline)
     assert info["step"] == STEPS
