@@ -89,14 +89,14 @@ def add_parser(sub) -> None:
     c.add_argument("--block-length", type=int, default=32, help="tokens generated per block (default 32, LLaDA's chat setting)")
     c.add_argument("--steps-per-block", type=int, default=None, help="denoising steps per block (default: the block length, one token per step)")
     c.add_argument("--no-repetition-guard", action="store_true", help="do not re-denoise blocks that fall into a repeating n-gram loop")
-    from illada.sampling.cli import _add_decoding_args
+    from illada.sampling.cli import add_decoding_args
 
-    _add_decoding_args(c)  # --temperature, --cfg, --remasking, --threshold, --seed, --view
+    add_decoding_args(c)  # --temperature, --cfg, --remasking, --threshold, --seed, --view
     c.set_defaults(func=cmd_chat)
 
 
 def sampler_config(args: argparse.Namespace):
-    from illada.sampling.cli import _decoding
+    from illada.sampling.cli import decoding_from_args
     from illada.sampling.repetition import RepetitionGuard
     from illada.sampling.sampler import SamplerConfig
 
@@ -105,7 +105,7 @@ def sampler_config(args: argparse.Namespace):
         gen_length=args.max_length,
         steps=(args.steps_per_block or args.block_length) * blocks,
         block_length=args.block_length,
-        decoding=_decoding(args),
+        decoding=decoding_from_args(args),
         variable_length=True,
         repetition=None if args.no_repetition_guard else RepetitionGuard(),
     )

@@ -25,7 +25,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block (default 32; gen-length for one block)")
     g.add_argument("--variable-length", action="store_true", help="append blocks until an end-of-text token (iLLaDA)")
     g.add_argument("--prefix-cache", action="store_true", help="Fast-dLLM prefix key/value cache (approximate after each block's first step)")
-    _add_decoding_args(g)
+    add_decoding_args(g)
     g.add_argument("--no-repetition-guard", action="store_true", help="do not re-denoise blocks that fall into a repeating n-gram loop")
     g.set_defaults(func=cmd_generate)
 
@@ -39,11 +39,11 @@ def add_parsers(sub) -> None:
     f.add_argument("--text", required=True, help="text with [MASK] / [MASK*N] spans")
     f.add_argument("--steps", type=int, default=None, help="denoising steps in all (default: one per masked token)")
     f.add_argument("--block-length", type=int, default=None, help="fill the masked tokens in chunks of this many, left to right (default: all at once)")
-    _add_decoding_args(f)
+    add_decoding_args(f)
     f.set_defaults(func=cmd_infill)
 
 
-def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="Gumbel-noise temperature (default 0: greedy)")
     p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance scale (default 0: off)")
     p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence", help="which proposals a step commits")
@@ -52,7 +52,7 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--view", action="store_true", help="print the canvas after every step (masks as ░)")
 
 
-def _decoding(args: argparse.Namespace):
+def decoding_from_args(args: argparse.Namespace):
     from illada.sampling.sampler import Decoding
 
     return Decoding(temperature=args.temperature, cfg_scale=args.cfg, remasking=args.remasking, threshold=args.threshold)
@@ -72,7 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             gen_length=args.gen_length,
             steps=args.steps or args.gen_length,
             block_length=args.block_length,
-            decoding=_decoding(args),
+            decoding=decoding_from_args(args),
             prefix_cache=args.prefix_cache,
             variable_length=args.variable_length,
             repetition=None if args.no_repetition_guard else RepetitionGuard(),
@@ -112,7 +112,7 @@ def cmd_infill(args: argparse.Namespace) -> int:
     from illada.sampling.view import CanvasView
 
     try:
-        decoding = _decoding(args)
+        decoding = decoding_from_args(args)
     except ValueError as e:
         return _fail("infill", e)
     loaded = load_for_inference(args.checkpoint)
