@@ -24,7 +24,7 @@ import ray
 
 from illada.config import load_config
 from illada.pipeline.runner import run_pipeline
-from pipelines.pretrain_data import STAGES
+from illada.data.stages import PRETRAIN as STAGES
 
 DOCS_PER_FILE = 5000
 WORDS = [f"w{i}" for i in range(5000)]

@@ -28,7 +28,7 @@ from illada import storage
 from illada.config import load_config
 from illada.data.documents import iter_batches
 from illada.pipeline.runner import run_pipeline
-from pipelines.pretrain_data import STAGES
+from illada.data.stages import PRETRAIN as STAGES
 
 
 def make_corpus(raw: Path, copies: int) -> int:

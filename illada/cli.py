@@ -1,4 +1,10 @@
-"""The `illada` command line. Every command has --help; configs take `key.sub=value` overrides."""
+"""The `illada` command line. Every command has --help; configs take `key.sub=value` overrides
+anywhere on the line.
+
+Building the parser imports only argparse and the other commands' parser modules, which
+import nothing heavy either: `illada --help` starts in a blink, and a GPU node without Ray
+runs `illada train`. Each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,14 @@ import logging
 import os
 import sys
 
-from illada.config import ConfigError, load_config
-
 log = logging.getLogger("illada")
+
+ADDRESS_HELP = "Ray dashboard address, e.g. http://head:8265 (default: $RAY_ADDRESS)"
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.pack.seq_len=1024")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, anywhere on the line, e.g. data.pack.seq_len=1024")
     p.add_argument("--root", help="run root (local path or s3:// URL); same as the override root=...")
 
 
@@ -27,7 +33,7 @@ def _add_stage_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_submit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=ADDRESS_HELP)
     p.add_argument("--job-id", help="submission id (default: generated)")
     p.add_argument("--wait", action="store_true", help="wait for the job to finish and exit non-zero if it failed")
     p.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600, metavar="SECONDS", help="with --wait: give up waiting after this long (the job keeps running)")
@@ -35,40 +41,34 @@ def _add_submit_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
+    from illada.config import load_config
+
     overrides = list(args.overrides) + ([f"root={args.root}"] if args.root else [])
     return load_config(args.config, overrides)
 
 
-def _pipeline_stages(config):
-    """The stages of the pipeline the config's data.kind names (pretrain or sft)."""
-    config.require("data")
-    if config.data.kind == "sft":
-        from pipelines.sft_data import STAGES
-    else:
-        from pipelines.pretrain_data import STAGES
-    return STAGES
-
-
 def cmd_pipeline_run(args: argparse.Namespace) -> int:
+    from illada.data.stages import stages_for
     from illada.pipeline.runner import run_pipeline
 
     config = _config(args)
-    manifests = run_pipeline(config, _pipeline_stages(config), only=args.stage, start=args.start, force=args.force)
-    _print_summary(manifests)
+    manifests = run_pipeline(config, stages_for(config), only=args.stage, start=args.start, force=args.force)
+    print_summary(manifests)
     return 0
 
 
 def cmd_pipeline_status(args: argparse.Namespace) -> int:
+    from illada.data.stages import stages_for
     from illada.pipeline.runner import pipeline_status
 
     config = _config(args)
     print(f"{'stage':<14}{'state':<10}{'tasks done':>11}  digest")
-    for s in pipeline_status(config, _pipeline_stages(config)):
+    for s in pipeline_status(config, stages_for(config)):
         print(f"{s.name:<14}{s.state:<10}{s.tasks_done:>11}  {(s.digest or '-')[:16]}")
     return 0
 
 
-def _print_summary(manifests: dict[str, dict]) -> None:
+def print_summary(manifests: dict[str, dict]) -> None:
     pack = manifests.get("pack")
     if not pack:
         return
@@ -93,7 +93,7 @@ def cmd_submit_pipeline(args: argparse.Namespace) -> int:
 
     config = _config(args)
     env = _env_vars(args.env)
-    return _submitted(args, submit_pipeline(config, args.address, stage=args.stage, start=args.start, force=args.force, submission_id=args.job_id, env=env))
+    return _submitted(args, submit_pipeline(config, _address(args), stage=args.stage, start=args.start, force=args.force, submission_id=args.job_id, env=env))
 
 
 def cmd_submit_train(args: argparse.Namespace) -> int:
@@ -101,10 +101,12 @@ def cmd_submit_train(args: argparse.Namespace) -> int:
 
     config = _config(args).require("model", "train")
     env = _env_vars(args.env)
-    return _submitted(args, submit_train(config, args.address, submission_id=args.job_id, image=args.image, env=env))
+    return _submitted(args, submit_train(config, _address(args), submission_id=args.job_id, image=args.image, env=env))
 
 
 def _env_vars(pairs: list[str]) -> dict[str, str]:
+    from illada.config import ConfigError
+
     env = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -133,6 +135,11 @@ def _submitted(args: argparse.Namespace, job_id: str) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     from illada import jobs
 
+    args.address = _address(args)
+    if args.action != "list" and not args.job_id:
+        from illada.errors import UserError
+
+        raise UserError(f"jobs {args.action} needs a job id (illada jobs list shows them)")
     if args.action == "status":
         info = jobs.job_info(args.address, args.job_id)
         print(json.dumps(info, indent=2, default=str))
@@ -165,6 +172,14 @@ def _relaunch_under_torchrun(args: argparse.Namespace) -> int:
     argv = ["train", args.config, *args.overrides] + (["--root", args.root] if args.root else [])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}"]
     os.execv(sys.executable, [*torchrun, "-m", "illada.cli", *argv])
+
+
+def _address(args: argparse.Namespace) -> str:
+    if not args.address:
+        from illada.errors import UserError
+
+        raise UserError("which Ray cluster? give --address http://HEAD:8265 or set RAY_ADDRESS")
+    return args.address
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -223,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", help="follow Ray Jobs: list, status, logs, stop")
     jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
     jobs.add_argument("job_id", nargs="?", help="submission id (not needed for list)")
-    jobs.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    jobs.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=ADDRESS_HELP)
     jobs.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
     jobs.set_defaults(func=cmd_jobs)
 
@@ -254,17 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_parsers(sub)  # generate, infill
     add_eval_parser(sub)  # eval
 
-    from illada.chat import add_parser as add_chat_parser
+    from illada.chat_cli import add_parser as add_chat_parser
 
     add_chat_parser(sub)  # chat
     return parser
 
 
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse a command line; `key.sub=value` overrides may stand anywhere after the command
+    (argparse alone takes positionals only before the first option)."""
+    parser = parser or build_parser()
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "action", None) in ("status", "logs", "stop") and args.command == "jobs" and not args.job_id:
-        parser.error(f"jobs {args.action} needs a job id")
+    args = parse_args(argv)
     quiet = int(os.environ.get("RANK", 0)) > 0  # one log per job, from global rank 0
     level = logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -272,17 +297,33 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"illada: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # errors the pipeline raises for the user carry their own fix
-        from illada.data.ingest import QuarantineError
-        from illada.pipeline.runner import PipelineError
+    except Exception as e:
+        return _report(e, verbose=args.verbose)
 
-        if isinstance(e, (PipelineError, QuarantineError)):
-            print(f"illada: error: {e}", file=sys.stderr)
-            return 1
-        raise
+
+def _report(error: Exception, verbose: bool) -> int:
+    """A mistake the user can fix: one line and exit 2 (the traceback with -v). A stage that
+    failed: one line and exit 1. Anything else is a bug: the traceback."""
+    from illada.errors import user_error_in
+
+    user = user_error_in(error) or (error if isinstance(error, FileNotFoundError) else None)
+    if user is None and not _is_pipeline_error(error):
+        raise error
+    if verbose:
+        import traceback
+
+        traceback.print_exception(error)
+    message = " ".join(str(user or error).split())  # one line, however the message was built
+    print(f"illada: error: {message}", file=sys.stderr)
+    return 2 if user is not None else 1
+
+
+def _is_pipeline_error(error: Exception) -> bool:
+    if "illada.pipeline.runner" not in sys.modules:
+        return False
+    from illada.pipeline.runner import PipelineError
+
+    return isinstance(error, PipelineError)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ config (secrets masked) beside every output.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -14,7 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from illada.errors import UserError
+from illada.model.config import ModelConfig
+from illada.schema import Strict
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -28,15 +33,8 @@ def expand_vars(text: str) -> str:
     return expanded
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the key and what to fix."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-from illada.model.config import ModelConfig  # noqa: E402  (it builds on Strict)
 
 
 # --- storage and runtime -------------------------------------------------------------
@@ -287,6 +285,18 @@ class TrainConfig(Strict):
         return root if "://" in root else os.path.abspath(root)
 
     @model_validator(mode="after")
+    def _schedule_fits(self) -> TrainConfig:
+        optim = self.optim
+        if self.steps is not None and optim.warmup_steps + optim.decay_steps > self.steps:
+            raise ValueError(
+                f"optim.warmup_steps ({optim.warmup_steps}) + optim.decay_steps ({optim.decay_steps}) exceed train.steps ({self.steps}); "
+                "shorten the warm-up or the decay, or train longer"
+            )
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        return self
+
+    @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainConfig:
         epochs = self.sft.epochs
         if epochs is not None and self.objective != "sft":
@@ -322,6 +332,18 @@ class Config(Strict):
         return self
 
     @model_validator(mode="after")
+    def _layout_fits_model(self) -> Config:
+        if self.train is None or self.model is None:
+            return self
+        tp, pp, model = self.train.parallel.tensor, self.train.parallel.pipeline, self.model
+        for name in ("num_attention_heads", "num_query_groups", "vocab_size", "ffn_hidden_size"):
+            if getattr(model, name) % tp:
+                raise ValueError(f"train.parallel.tensor ({tp}) must divide model.{name} ({getattr(model, name)})")
+        if model.num_layers % pp:
+            raise ValueError(f"train.parallel.pipeline ({pp}) must divide model.num_layers ({model.num_layers})")
+        return self
+
+    @model_validator(mode="after")
     def _train_reads_own_root_by_default(self) -> Config:
         if self.train is not None and self.train.data_root is None:
             self.train.data_root = self.root
@@ -333,7 +355,7 @@ class Config(Strict):
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """Read YAML (or start from `base`), apply `key.sub=value` overrides, validate."""
-    raw: dict[str, Any] = dict(base or {})
+    raw: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
         path = Path(path)
         if not path.exists():
@@ -346,10 +368,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
             raise ConfigError(f"{path} must hold a mapping at the top level")
     for override in overrides:
         apply_override(raw, override)
+    _substitute_root(raw)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, path)) from None
+
+
+def _substitute_root(raw: dict) -> None:
+    """`${root}` in any value means the run root (after overrides), so a config can keep
+    its inputs beside its outputs and `--root` moves both."""
+    root = raw.get("root")
+    if not isinstance(root, str) or not any("${root}" in str(v) for k, v in raw.items() if k != "root"):
+        return
+    root = expand_vars(root).rstrip("/")
+    root = root if "://" in root else os.path.abspath(root)
+
+    def sub(node: Any) -> Any:
+        if isinstance(node, str):
+            return node.replace("${root}", root)
+        if isinstance(node, list):
+            return [sub(v) for v in node]
+        if isinstance(node, dict):
+            return {k: (v if k == "root" and node is raw else sub(v)) for k, v in node.items()}
+        return node
+
+    raw.update(sub(raw))
 
 
 def apply_override(raw: dict, override: str) -> None:
@@ -412,17 +456,18 @@ def _model_of(annotation: Any) -> Any:
 
 
 def _format_validation_error(e: ValidationError, path: Path | None) -> str:
+    """One line: every key that is wrong and what is wrong with it."""
     where = f" in {path}" if path else ""
-    lines = [f"invalid config{where}:"]
+    problems = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key; remove it or check its spelling")
+            problems.append(f"{key}: unknown key; remove it or check its spelling")
         else:
             got = err.get("input")
-            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-            lines.append(f"  {key}: {err['msg']}{shown}")
-    return "\n".join(lines)
+            shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            problems.append(f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}")
+    return f"invalid config{where}: " + "; ".join(problems)
 
 
 def dump_config(config: BaseModel) -> str:

@@ -47,12 +47,13 @@ def load_for_inference(checkpoint: str, *, bf16: bool | None = None, seed: int =
     from illada.model.build import build_model, transformer_config
     from illada.parallel import init_parallel
     from illada.sampling.megatron import MegatronDenoiser
-    from illada.train.checkpoint import load_model_weights, read_info, resolve
+    from illada.layout import checkpoint_info, resolve_checkpoint
+    from illada.train.checkpoint import load_model_weights
 
-    path = resolve(checkpoint)
-    info = read_info(path)
-    config = ModelConfig.model_validate(info["model"])
-    tokenizer, special = load_tokenizer(info["data_root"])
+    path = resolve_checkpoint(checkpoint)
+    info = checkpoint_info(path)
+    config = ModelConfig.model_validate(info.model)
+    tokenizer, special = load_tokenizer(info.data_root)
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu if bf16 is None else bf16
     _init_one_process(init_parallel, seed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -11,35 +11,47 @@ import zstandard
 
 from illada.config import load_config
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"  # package data
 
 
-def write_python_docs(path: Path) -> int:
-    """Python's documentation topics (shipped with every CPython as pydoc_data) as jsonl.zst."""
-    from pydoc_data.topics import topics
+def write_raw_corpus(raw: Path) -> None:
+    """The quickstart's raw data under <root>/raw/: the standard library's top-level modules
+    and Python's documentation topics (pydoc_data, in every CPython) as jsonl.zst. Files
+    already there are left alone, so a second run finds the ingest stage up to date."""
+    code = raw / "stdlib"
+    code.mkdir(parents=True, exist_ok=True)
+    for source in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        if not (code / source.name).exists():
+            shutil.copy2(source, code / source.name)
+    docs = raw / "python_docs.jsonl.zst"
+    if not docs.exists():
+        from pydoc_data.topics import topics
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps({"id": name, "text": text}) + "\n" for name, text in sorted(topics.items()))
-    path.write_bytes(zstandard.ZstdCompressor(level=10).compress(lines.encode()))
-    return len(topics)
+        lines = "".join(json.dumps({"id": name, "text": text}) + "\n" for name, text in sorted(topics.items()))
+        docs.write_bytes(zstandard.ZstdCompressor(level=10).compress(lines.encode()))
+
+
+def config_argument() -> str:
+    """How to name the quickstart config in a command a user can paste: the repository's
+    configs/quickstart.yaml when run from a checkout, else the installed file."""
+    local = Path("configs/quickstart.yaml")
+    return str(local) if local.is_file() and local.resolve() == CONFIG.resolve() else str(CONFIG)
 
 
 def quickstart(root: str, overrides: list[str], num_cpus: int | None = None) -> int:
-    from illada.cli import _print_summary
+    from illada.cli import print_summary
+    from illada.data.stages import PRETRAIN
     from illada.pipeline.runner import run_pipeline
-    from pipelines.pretrain_data import STAGES
 
     root_path = Path(root).resolve()
-    os.environ.setdefault("PYTHON_STDLIB", sysconfig.get_paths()["stdlib"])
-    os.environ["QUICKSTART_RAW"] = str(root_path / "raw")
-    write_python_docs(root_path / "raw" / "python_docs.jsonl.zst")
+    write_raw_corpus(root_path / "raw")
     extra = [f"root={root_path}"] + ([f"ray.num_cpus={num_cpus}"] if num_cpus else [])
     config = load_config(CONFIG, [*overrides, *extra])
 
     print(f"== data pipeline -> {config.root}")
-    manifests = run_pipeline(config, STAGES)
-    _print_summary(manifests)
-    config_arg = CONFIG.relative_to(Path.cwd()) if CONFIG.is_relative_to(Path.cwd()) else CONFIG
+    manifests = run_pipeline(config, PRETRAIN)
+    print_summary(manifests)
+    config_arg = config_argument()
     print(f"\nre-run one stage:   illada pipeline run {config_arg} --root {config.root} --stage pack")
 
     print(f"\n== pre-training the tiny model ({config.train.steps} steps) -> {config.root}/checkpoints")
@@ -58,10 +70,10 @@ def quickstart(root: str, overrides: list[str], num_cpus: int | None = None) -> 
 
 def pretrain(config) -> str:
     """Train in this process (one rank, no torchrun needed); returns the last checkpoint."""
+    from illada.layout import checkpoint_root, complete_checkpoints
     from illada.parallel import destroy_parallel
-    from illada.train.checkpoint import checkpoint_root, complete_checkpoints
     from illada.train.trainer import train_loop
 
     train_loop(config)
     destroy_parallel()
-    return complete_checkpoints(checkpoint_root(config))[-1]
+    return complete_checkpoints(checkpoint_root(config.root, config.train.checkpoint.dir))[-1]

@@ -1,27 +1,13 @@
-"""The SFT data pipeline: ingest (chat) -> dedup (exact, fuzzy) -> tokenizer -> chat -> pack.
+"""The SFT data pipeline as a Ray Job entrypoint (illada.data.stages.SFT, chosen by
+`data.kind: sft`): conversations are ingested and checked, deduplicated, put through the
+chat template with the pre-training tokenizer and padded to length buckets.
 
-Conversations are ingested and checked (malformed ones quarantined with their reason),
-deduplicated, put through the chat template with the pre-training tokenizer
-(data.tokenizer.path) and padded to length buckets in Arrow shards. Selected by
-`data.kind: sft`; runs as `illada pipeline run CONFIG`, or as a Ray Job entrypoint:
     python -m pipelines.sft_data CONFIG [--stage S | --from S] [--force] [key=value ...]
 """
 
 from __future__ import annotations
 
 import sys
-
-from illada.data import (
-    chat_tokenize,
-    dedup_exact,
-    dedup_fuzzy,
-    ingest,
-    sft_pack,
-    tokenizer,
-)
-from illada.pipeline.stage import Stage
-
-STAGES: list[Stage] = [ingest.STAGE, dedup_exact.STAGE, dedup_fuzzy.STAGE, tokenizer.STAGE, chat_tokenize.STAGE, sft_pack.STAGE]
 
 if __name__ == "__main__":
     from illada.cli import main

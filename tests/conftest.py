@@ -177,7 +177,7 @@ def train_data_root(tmp_path_factory, ray_local) -> str:
     """A data-pipeline run over the tiny sources (64-token sequences, 30 documents each), made
     once per session: its `pack/` is what training tests read (train.data_root)."""
     from illada.pipeline.runner import run_pipeline
-    from pipelines.pretrain_data import STAGES
+    from illada.data.stages import PRETRAIN as STAGES
 
     tmp = tmp_path_factory.mktemp("train-data")
     run_pipeline(TinyConfigFactory()(str(tmp / "run"), str(tmp / "raw"), docs_per_source=30), STAGES)

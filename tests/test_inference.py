@@ -35,7 +35,7 @@ def checkpoint(tmp_path_factory, ray_local) -> str:
     """A checkpoint of the tiny model after 8 steps on the tiny pipeline's shards."""
     from illada.config import load_config
     from illada.pipeline.runner import run_pipeline
-    from pipelines.pretrain_data import STAGES
+    from illada.data.stages import PRETRAIN as STAGES
 
     tmp = tmp_path_factory.mktemp("inference")
     raw = TinyConfigFactory().raw(str(tmp / "run"), str(tmp / "raw"))

@@ -146,7 +146,7 @@ def test_dump_config_and_config_show_leave_out_credentials(tmp_path, s3_server, 
 def test_pipeline_run_writes_no_credentials(tmp_path, s3_bucket, s3_server, ray_local, tiny_config_factory):
     """Raw inputs on S3 read with the config's credentials; nothing under the run root holds them."""
     from illada.pipeline.runner import run_pipeline
-    from pipelines.pretrain_data import STAGES
+    from illada.data.stages import PRETRAIN as STAGES
 
     root = tmp_path / "run"
     config = tiny_config_factory(str(root), f"{s3_bucket}/raw", extra={"storage": _storage_with_secrets(s3_server)})

@@ -11,14 +11,14 @@ trained on, so it learns to end an answer: end-of-turn, then end-of-text to the 
 
 At inference the same prompt (a conversation ending with a user message, then the
 assistant role token) is what the model continues. All ids come from the tokenizer
-(illada.data.tokenizer.special_ids): none is hard-coded.
+(illada.data.special_tokens.special_ids): none is hard-coded.
 """
 
 from __future__ import annotations
 
 from tokenizers import Tokenizer
 
-from illada.data.tokenizer import special_ids
+from illada.data.special_tokens import special_ids
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 

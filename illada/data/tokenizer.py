@@ -15,26 +15,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from illada import storage
 from illada.config import Config
 from illada.data.documents import iter_batches
+from illada.data.special_tokens import SPECIAL_TOKENS, special_ids
 from illada.pipeline.stage import Stage, StageContext, file_entry
-
-SPECIAL_TOKENS = {
-    "pad": "<|pad|>",
-    "eot": "<|endoftext|>",
-    "system": "<|system|>",
-    "user": "<|user|>",
-    "assistant": "<|assistant|>",
-    "mask": "<|mask|>",
-    "end_of_turn": "<|eot|>",
-}
-
-
-def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    ids = {name: tokenizer.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
-    missing = [SPECIAL_TOKENS[n] for n, i in ids.items() if i is None]
-    if missing:
-        raise ValueError(f"tokenizer lacks special tokens {missing}")
-    return ids
-
 
 def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())

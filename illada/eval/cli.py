@@ -90,9 +90,9 @@ def shard_perplexity(loaded, shard: str | None, max_sequences: int, mc_num: int,
 
 def _last_shards(checkpoint: str) -> list[str]:
     from illada import storage
-    from illada.train.checkpoint import read_info
+    from illada.layout import checkpoint_info
 
-    root = read_info(checkpoint)["data_root"]
+    root = checkpoint_info(checkpoint).data_root
     files = storage.read_json(storage.join(root, "pack", "manifest.json"))["files"]
     print("illada eval: perplexity over the pack manifest's last shards, which training may have read; pass --shard for a held-out one", file=sys.stderr)
     return [storage.join(root, f["path"]) for f in reversed(files) if f["path"].endswith(".arrow")]

@@ -67,10 +67,14 @@ class IlladaLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> IlladaLM:
-        """`checkpoint=PATH,scorer=likelihood,mc_num=32,...` (lm_eval --model illada --model_args ...)."""
+        """`checkpoint=PATH,scorer=likelihood,mc_num=32,...` (illada-lm-eval --model illada --model_args ...)."""
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> IlladaLM:
         from illada.inference import load_for_inference
 
-        args = simple_parse_args_string(arg_string)
+        args = dict(arg_dict)
         if "checkpoint" not in args:
             raise ValueError("--model_args needs checkpoint=PATH")
         batch_size = (additional_config or {}).get("batch_size")

@@ -40,16 +40,16 @@ from illada.lineage.record import (
     shard_sets,
     short,
 )
+from illada.errors import UserError
+from illada.layout import CHECKPOINT_MARKER, checkpoint_info, is_complete_checkpoint, resolve_checkpoint
 from illada.tracking import tracking_uri_near
 
-CHECKPOINT_MARKER = "illada.json"  # as illada.train.checkpoint writes it (importing it loads megatron)
-STEP_DIR = re.compile(r"^step_(\d{8})$")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 STAGE_ORDER = ("ingest", "dedup_exact", "dedup_fuzzy", "tokenizer", "tokenize", "pack")
 SUMMARY = ("documents", "quarantined", "documents_in", "duplicates", "near_duplicates", "documents_out", "disabled", "vocab_size", "tokens", "sequences", "seq_len")
 
 
-class LineageError(RuntimeError):
+class LineageError(UserError):
     """Lineage cannot be built; the message says what was missing and what to pass."""
 
 
@@ -173,24 +173,8 @@ def build(target: str, tracking_uri: str | None = None) -> Lineage:
     return builder.lineage
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory from itself, a folder of them or a run root (the latest)."""
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, CHECKPOINT_MARKER)):
-        return path
-    for folder in (path, os.path.join(path, "checkpoints")):
-        steps = sorted(n for n in os.listdir(folder) if STEP_DIR.match(n) and os.path.isfile(os.path.join(folder, n, CHECKPOINT_MARKER))) if os.path.isdir(folder) else []
-        if steps:
-            return os.path.join(folder, steps[-1])
-    raise LineageError(
-        f"{path} is not a checkpoint (no {CHECKPOINT_MARKER}), a folder of checkpoints or a run root with checkpoints/; "
-        "give a checkpoint directory such as <root>/checkpoints/step_00001000, or an MLflow run id with --tracking-uri"
-    )
-
-
 def read_checkpoint_info(path: str) -> dict | None:
-    marker = os.path.join(path, CHECKPOINT_MARKER)
-    return json.loads(Path(marker).read_text()) if os.path.isfile(marker) else None
+    return checkpoint_info(path).to_dict() if is_complete_checkpoint(path) else None
 
 
 def read_json_if_exists(url: str) -> dict | None:

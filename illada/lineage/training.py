@@ -45,9 +45,9 @@ def parent_relation(config: Config, parent: str | None) -> str | None:
     """How a run relates to the checkpoint it loaded: its own earlier one, or another's."""
     if parent is None:
         return None
-    from illada.train.checkpoint import checkpoint_root
+    from illada.layout import checkpoint_root
 
-    same_root = os.path.dirname(os.path.abspath(parent)) == os.path.abspath(checkpoint_root(config))
+    same_root = os.path.dirname(os.path.abspath(parent)) == os.path.abspath(checkpoint_root(config.root, config.train.checkpoint.dir))
     return RESUMED if same_root else INITIALISED
 
 
@@ -80,10 +80,10 @@ class TrainingRecorder:
     def log_checkpoint(self, path: str) -> None:
         """Queue an external LoggedModel for a complete checkpoint. Its illada.json is read
         now: keep_last may remove the checkpoint before the record is written."""
-        from illada.train.checkpoint import read_info
+        from illada.layout import checkpoint_info
 
         path = os.path.abspath(path)
-        self._submit(f"checkpoint {path}", self._log_checkpoint, path, read_info(path))
+        self._submit(f"checkpoint {path}", self._log_checkpoint, path, checkpoint_info(path).to_dict())
 
     def close(self) -> list[str]:
         """Wait for every record; returns the LoggedModel ids. A record that failed is

@@ -12,9 +12,9 @@ from typing import Any
 import yaml
 from pydantic import Field, model_validator
 
-from illada.config import Strict
+from illada.schema import Strict
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"  # package data (illada/configs)
 
 
 def preset_names() -> list[str]:

@@ -30,60 +30,25 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
-from illada import storage
+from illada import layout, storage
 from illada.config import Config
+from illada.layout import CHECKPOINT_MARKER, STEP_DIR, complete_checkpoints, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
-MARKER = "illada.json"
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
 def checkpoint_root(config: Config) -> str:
-    root = config.train.checkpoint.dir or storage.join(config.root, "checkpoints")
-    if not storage.is_local(root):
-        raise ValueError(
-            f"train.checkpoint.dir {root!r} is not a filesystem path: megatron's torch_dist checkpoints are written "
-            "through the filesystem; use local disk or a shared filesystem mounted on every node"
-        )
-    return root
-
-
-def complete_checkpoints(root: str) -> list[str]:
-    """Complete checkpoint directories under root, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    names = sorted(n for n in os.listdir(root) if STEP_DIR.match(n) and os.path.isfile(os.path.join(root, n, MARKER)))
-    return [os.path.join(root, n) for n in names]
-
-
-def resolve(path: str) -> str:
-    """A checkpoint directory, or a checkpoint root (its latest complete checkpoint)."""
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, MARKER)):
-        return path
-    found = complete_checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"{path} is neither a complete checkpoint (it has no {MARKER}) nor a folder of them")
-    return found[-1]
-
-
-def read_info(path: str) -> dict:
-    return json.loads(Path(resolve(path), MARKER).read_text())
+    return layout.checkpoint_root(config.root, config.train.checkpoint.dir)
 
 
 def unwrap(model):
@@ -98,7 +63,7 @@ def model_state(model) -> dict:
 def load_model_weights(model, path: str) -> None:
     """Load only the weights of a checkpoint (saved at any TP/PP layout) into this rank's
     model, built for the current layout (a GPTModel, or megatron's DDP around one)."""
-    state = dist_checkpointing.load({"model": model_state(model)}, resolve(path))
+    state = dist_checkpointing.load({"model": model_state(model)}, resolve_checkpoint(path))
     unwrap(model).load_state_dict(state["model"])
 
 
@@ -119,7 +84,7 @@ class Checkpointer:
             self.parent = found[-1]
             log.info("resumed from %s at step %d", found[-1], state.step)
         elif self.config.train.init_from:
-            self.parent = resolve(self.config.train.init_from)
+            self.parent = resolve_checkpoint(self.config.train.init_from)
             load_model_weights(model, self.parent)
             log.info("initialised weights from %s", self.parent)
         return self.parent
@@ -138,7 +103,7 @@ class Checkpointer:
     def save(self, model, optimizer, scheduler, data, state, extra_info: dict | None = None) -> str:
         """Write step_<step>/ on every rank; complete (visible) once rank 0 writes the marker."""
         start = time.perf_counter()
-        path = os.path.join(self.root, f"step_{state.step:08d}")
+        path = layout.step_dir(self.root, state.step)
         if self.rank0:
             shutil.rmtree(path, ignore_errors=True)  # a crashed save of this same step
             os.makedirs(path)
@@ -158,7 +123,7 @@ class Checkpointer:
         files = self._checksums(path)
         if self.rank0:
             info = self._info(state, files, extra_info or {})
-            storage.write_json(os.path.join(path, MARKER), info)  # atomic: temp file + rename
+            storage.write_json(os.path.join(path, CHECKPOINT_MARKER), info)  # atomic: temp file + rename
             self._prune()
         dist.barrier()
         log.info("saved checkpoint %s in %.1f s", path, time.perf_counter() - start)

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from illada import storage
+from illada.config import ConfigError
 from illada.data.shards import open_shard
 
 MASK64 = (1 << 64) - 1
@@ -128,7 +129,10 @@ class BlendedSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
-            raise ValueError(f"checkpoint data seed {state['seed']} differs from config seed {self.seed}")
+            raise ConfigError(
+                f"train.seed is {self.seed} but the checkpoint being resumed was trained with seed {state['seed']}: "
+                f"resume with train.seed={state['seed']}, or start a new run with another train.checkpoint.dir"
+            )
         self.drawn = np.array([state["drawn"].get(n, 0) for n in self.names], dtype=np.int64)
 
 

@@ -18,13 +18,14 @@ import ray
 
 from illada import storage
 from illada.config import Config, TrainConfig
+from illada.errors import UserError
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 120  # a node sets up the job's runtime env (the working dir) on its first task
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """The run cannot start on this cluster as configured; the message says what to fix."""
 
 
@@ -128,11 +129,11 @@ def check_data(config: Config) -> dict:
 
 
 def checkpoint_dir(config: Config) -> str:
-    from illada.train.checkpoint import checkpoint_root
+    from illada.layout import checkpoint_root
 
     try:
-        return checkpoint_root(config)
-    except ValueError as e:
+        return checkpoint_root(config.root, config.train.checkpoint.dir)
+    except UserError as e:
         raise LaunchError(str(e)) from None
 
 

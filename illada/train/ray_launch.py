@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 
@@ -108,11 +107,7 @@ class RecoveryLog(ControllerCallback):
     raises into the controller (a raising callback would fail the run)."""
 
     def __init__(self, tracking_uri: str, run_id: str, checkpoints: str, max_failures: int):
-        from illada.train.checkpoint import MARKER, STEP_DIR
-
         self.tracking_uri, self.run_id, self.checkpoints, self.max_failures = tracking_uri, run_id, checkpoints, max_failures
-        # What makes a checkpoint complete, taken here: the controller need not import megatron.
-        self.marker, self.step_dir = MARKER, STEP_DIR.pattern
         self.restarts = 0
         self._recorder = None  # made in the controller (a thread pool does not pickle)
 
@@ -141,10 +136,10 @@ class RecoveryLog(ControllerCallback):
 
     def latest_complete(self) -> str | None:
         """The checkpoint a restarted group resumes from (as Checkpointer.restore finds it)."""
-        pattern = re.compile(self.step_dir)
-        names = os.listdir(self.checkpoints) if os.path.isdir(self.checkpoints) else []
-        complete = [n for n in names if pattern.match(n) and os.path.isfile(os.path.join(self.checkpoints, n, self.marker))]
-        return max(complete, default=None)
+        from illada.layout import complete_checkpoints
+
+        complete = complete_checkpoints(self.checkpoints)
+        return os.path.basename(complete[-1]) if complete else None
 
     def _record(self, restart: int, why: str, resume: str | None) -> None:
         try:
@@ -153,7 +148,9 @@ class RecoveryLog(ControllerCallback):
             print(f"illada: could not record restart {restart}: {e!r}", flush=True)
 
     def _record_now(self, restart: int, why: str, resume: str | None) -> None:
-        step = int(re.match(self.step_dir, resume).group(1)) if resume else 0
+        from illada.layout import STEP_DIR
+
+        step = int(STEP_DIR.match(resume).group(1)) if resume else 0
         limit = "no limit" if self.max_failures < 0 else f"at most {self.max_failures}"
         message = (
             f"restart {restart} ({limit}) after {why}; the whole worker group restarts from "

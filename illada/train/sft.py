@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from illada.config import Config, TrainConfig
+from illada.config import Config, ConfigError, TrainConfig
 from illada.objective import Noised, sft_noise
 from illada.train.data import PackedData, ShardReader
 
@@ -80,6 +80,11 @@ def with_steps(config: Config, manifest: dict, mix: dict[str, float]) -> Config:
     sources = manifest["stats"]["sources"]
     samples = sum(sources[name]["samples"] for name, weight in mix.items() if weight > 0 and name in sources)
     steps = max(1, math.ceil(train.sft.epochs * samples / train.global_batch_size))
+    if train.optim.warmup_steps + train.optim.decay_steps > steps:
+        raise ConfigError(
+            f"train.sft.epochs={train.sft.epochs} gives {steps} steps, fewer than optim.warmup_steps ({train.optim.warmup_steps}) "
+            f"+ optim.decay_steps ({train.optim.decay_steps}); shorten the warm-up or the decay, or train more epochs"
+        )
     # model_copy: the resolved config keeps epochs for the record; validation would refuse both
     return config.model_copy(update={"train": train.model_copy(update={"steps": steps})})
 

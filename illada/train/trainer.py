@@ -26,7 +26,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from illada import storage
-from illada.config import Config, TrainConfig
+from illada.config import Config, ConfigError, TrainConfig
 from illada.model.build import build_model, transformer_config
 from illada.model.config import ModelConfig
 from illada.objective import Noised, add_noise, answer_length_loss, diffusion_loss, random_length
@@ -54,7 +54,7 @@ class Batch:
 def data_manifest(train: TrainConfig) -> dict:
     url = storage.join(train.data_root, "pack", "manifest.json")
     if not storage.exists(url):
-        raise FileNotFoundError(f"no pack manifest at {url}; run the data pipeline first (illada pipeline run ...)")
+        raise ConfigError(f"no pack manifest at {url}: run the data pipeline first (illada pipeline run CONFIG), or set train.data_root to a completed run")
     return storage.read_json(url)
 
 
@@ -197,7 +197,7 @@ def train_loop(config: Config, on_step=None) -> TrainState:
         train = config.train
     dp_size = parallel_state.get_data_parallel_world_size()
     if train.global_batch_size % (dp_size * train.micro_batch_size):
-        raise ValueError(
+        raise ConfigError(
             f"train.global_batch_size ({train.global_batch_size}) must be divisible by data-parallel size ({dp_size}) "
             f"x train.micro_batch_size ({train.micro_batch_size})"
         )
@@ -253,6 +253,6 @@ def train_loop(config: Config, on_step=None) -> TrainState:
 def check_data_fits_model(manifest: dict, model: ModelConfig) -> None:
     stats = manifest["stats"]
     if stats["vocab_size"] > model.vocab_size:
-        raise ValueError(f"the tokenizer has {stats['vocab_size']} tokens but model.vocab_size is {model.vocab_size}")
+        raise ConfigError(f"the tokenizer has {stats['vocab_size']} tokens but model.vocab_size is {model.vocab_size}")
     if stats["seq_len"] > model.max_seq_len:
-        raise ValueError(f"the shards hold {stats['seq_len']}-token sequences but model.max_seq_len is {model.max_seq_len}")
+        raise ConfigError(f"the shards hold {stats['seq_len']}-token sequences but model.max_seq_len is {model.max_seq_len}")

@@ -1,6 +1,6 @@
 from illada.data.documents import read_table
 from illada.pipeline.runner import run_pipeline
-from pipelines.pretrain_data import STAGES
+from illada.data.stages import PRETRAIN as STAGES
 from tests.helpers import make_config, write_jsonl
 
 UPTO_DEDUP = STAGES[:2]

@@ -16,7 +16,7 @@ from illada.data.dedup_fuzzy import EDGE_SCHEMA, both_directions, connected_comp
 from illada.data.documents import read_table
 from illada.pipeline.runner import run_pipeline
 from illada.pipeline.stage import StageContext
-from pipelines.pretrain_data import STAGES
+from illada.data.stages import PRETRAIN as STAGES
 from tests.helpers import make_config, write_jsonl
 
 UPTO_FUZZY = STAGES[:3]

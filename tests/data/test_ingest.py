@@ -9,7 +9,7 @@ from illada.config import IngestConfig, SourceConfig
 from illada.data.documents import read_table
 from illada.data.ingest import QuarantineError, ingest_task, plan_tasks, expand_paths
 from illada.pipeline.runner import run_pipeline
-from pipelines.pretrain_data import STAGES
+from illada.data.stages import PRETRAIN as STAGES
 from tests.helpers import make_config, write_jsonl
 
 

@@ -5,7 +5,7 @@ from illada.data.documents import read_table
 from illada.data.pack import Packer
 from illada.data.shards import read_sequences
 from illada.pipeline.runner import run_pipeline
-from pipelines.pretrain_data import STAGES
+from illada.data.stages import PRETRAIN as STAGES
 from tests.helpers import make_config, write_jsonl
 
 

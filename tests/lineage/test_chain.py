@@ -23,7 +23,7 @@ from illada.lineage.record import shard_set_digest, shard_sets
 from illada.lineage.verify import verify
 from illada.pipeline.runner import run_pipeline
 from illada.train.data import PackedData
-from pipelines.pretrain_data import STAGES
+from illada.data.stages import PRETRAIN as STAGES
 from tests.conftest import TinyConfigFactory
 from tests.lineage.conftest import TRAIN, train
 

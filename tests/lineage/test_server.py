@@ -16,7 +16,7 @@ from illada.config import load_config
 from illada.lineage.graph import build
 from illada.lineage.verify import verify
 from illada.pipeline.runner import run_pipeline
-from pipelines.pretrain_data import STAGES
+from illada.data.stages import PRETRAIN as STAGES
 from tests.conftest import S3_ENV, TinyConfigFactory
 from tests.lineage.conftest import train
 

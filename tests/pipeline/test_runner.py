@@ -3,7 +3,7 @@ import pytest
 from illada import storage
 from illada.pipeline.runner import PipelineError, pipeline_status, run_pipeline
 from illada.pipeline.stage import Stage, StageContext
-from pipelines.pretrain_data import STAGES
+from illada.data.stages import PRETRAIN as STAGES
 from tests.helpers import make_config, write_jsonl
 
 

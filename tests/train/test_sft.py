@@ -61,7 +61,7 @@ def instructions(tmp_path_factory, train_data_root, ray_local) -> tuple[str, lis
     from illada.config import load_config
     from illada.eval import toy_instruct
     from illada.pipeline.runner import run_pipeline
-    from pipelines.sft_data import STAGES
+    from illada.data.stages import SFT as STAGES
 
     tmp = tmp_path_factory.mktemp("sft-data")
     train_set, held_out = toy_instruct.split(toy_instruct.make_examples(400, seed=0, tasks=("copy", "reverse"), lengths=(3, 3)), 64)
