@@ -298,17 +298,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as e:
-        return _report(e, verbose=args.verbose)
+        code = _report(e, verbose=args.verbose)
+        if code is None:
+            raise
+        return code
 
 
-def _report(error: Exception, verbose: bool) -> int:
+def _report(error: Exception, verbose: bool) -> int | None:
     """A mistake the user can fix: one line and exit 2 (the traceback with -v). A stage that
-    failed: one line and exit 1. Anything else is a bug: the traceback."""
+    failed: one line and exit 1. Anything else is a bug: None, and the caller re-raises."""
     from illada.errors import user_error_in
 
     user = user_error_in(error) or (error if isinstance(error, FileNotFoundError) else None)
     if user is None and not _is_pipeline_error(error):
-        raise error
+        return None
     if verbose:
         import traceback
 

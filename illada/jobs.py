@@ -23,6 +23,7 @@ import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from illada.config import Config, ConfigError, dump_config, load_config
+from illada.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("illada", "pipelines", "configs")  # configs: the model presets a config may name
@@ -31,7 +32,10 @@ CONFIG_ENV = "ILLADA_JOB_CONFIG"  # the config's YAML, for jobs from an image
 
 
 def client(address: str) -> JobSubmissionClient:
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as e:
+        raise UserError(f"cannot reach the Ray dashboard at {address} ({e}); check --address (or RAY_ADDRESS), e.g. http://HEAD:8265") from e
 
 
 def job_config(config: Config) -> Config:

@@ -13,15 +13,44 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import fsspec
 import pyarrow.fs
 
 from illada.config import StorageConfig
+from illada.errors import UserError
 
 _storage = StorageConfig()
+
+
+class StorageError(UserError):
+    """An object store that cannot be reached or read as configured; says what to set."""
+
+
+@contextlib.contextmanager
+def _explained(url: str) -> Iterator[None]:
+    """Turn an object store's connection and credential errors into one line that says
+    what to set (botocore's own are dozens of lines deep inside fsspec)."""
+    try:
+        yield
+    except Exception as e:
+        problem = None if is_local(url) else _object_store_problem(e)
+        if problem is None:
+            raise
+        raise StorageError(f"{url}: {problem}") from e
+
+
+def _object_store_problem(e: Exception) -> str | None:
+    name = type(e).__name__  # by name: botocore need not be imported for local paths
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return "no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or storage.s3.key and storage.s3.secret)"
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+        return f"cannot reach the S3 endpoint ({e}); set AWS_ENDPOINT_URL or storage.s3.endpoint_url to your object store's address"
+    if isinstance(e, PermissionError):
+        return f"access denied ({e}); check that the credentials may read and write this bucket"
+    return None
 
 
 def configure(storage: StorageConfig) -> None:
@@ -71,21 +100,24 @@ def join(base: str, *parts: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    with _explained(url):
+        return fs.exists(path)
 
 
 def glob(pattern: str) -> list[str]:
     """Sorted URLs matching a glob, with the protocol kept."""
     fs, path = filesystem(pattern)
-    return sorted(_unstrip(pattern, p) for p in fs.glob(path) if fs.isfile(p))
+    with _explained(pattern):
+        return sorted(_unstrip(pattern, p) for p in fs.glob(path) if fs.isfile(p))
 
 
 def list_files(url: str) -> list[str]:
     """Every file under a directory, recursively, sorted."""
     fs, path = filesystem(url)
-    if not fs.exists(path):
-        return []
-    return sorted(_unstrip(url, p) for p in fs.find(path))
+    with _explained(url):
+        if not fs.exists(path):
+            return []
+        return sorted(_unstrip(url, p) for p in fs.find(path))
 
 
 def _unstrip(reference: str, path: str) -> str:
@@ -102,7 +134,8 @@ def remove(url: str) -> None:
 
 def open_read(url: str, mode: str = "rb", compression: str | None = None) -> IO:
     fs, path = filesystem(url)
-    return fs.open(path, mode, compression=compression)
+    with _explained(url):
+        return fs.open(path, mode, compression=compression)
 
 
 @contextlib.contextmanager
@@ -154,11 +187,14 @@ def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
 
 
-def sha256_file(url: str, chunk: int = 8 << 20) -> str:
+def sha256_file(url: str, chunk: int = 8 << 20, on_read: Callable[[int], Any] | None = None) -> str:
+    """The file's sha256; `on_read(nbytes)` after each chunk (a progress bar's update)."""
     digest = hashlib.sha256()
     with open_read(url) as f:
         while block := f.read(chunk):
             digest.update(block)
+            if on_read:
+                on_read(len(block))
     return digest.hexdigest()
 
 

@@ -11,6 +11,7 @@ import os
 
 from illada import storage
 from illada.config import Config
+from illada.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,26 @@ def artifact_location(uri: str) -> str | None:
     return f"file://{os.path.join(os.path.dirname(os.path.abspath(database)), ARTIFACTS)}"
 
 
-def ensure_experiment(config: Config, client=None) -> str:
-    """The id of this config's experiment in its tracking store, created if missing."""
+class TrackingStoreError(UserError):
+    """The MLflow store cannot be opened (a damaged database, a server that does not answer)."""
+
+
+def open_store(config: Config):
+    """(an MlflowClient of the config's store, the id of its experiment, created if missing)."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(config)
-    client = client or MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment_name(config))
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(experiment_name(config), artifact_location=artifact_location(uri))
+    try:
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment_name(config))
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment_name(config), artifact_location=artifact_location(uri))
+    except Exception as e:  # whatever the store raised, it could not be used
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrackingStoreError(
+            f"cannot open the MLflow store {uri} ({reason}); move a damaged database aside (a new one is made) "
+            "or point MLFLOW_TRACKING_URI at a working store"
+        ) from e
+    return client, experiment_id
 
 
 def tracking_uri_near(path: str, explicit: str | None = None) -> str | None:

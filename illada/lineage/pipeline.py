@@ -67,12 +67,9 @@ class PipelineRecorder:
         self.version = code_version()
 
     def __enter__(self) -> PipelineRecorder:
-        from mlflow.tracking import MlflowClient
+        from illada.tracking import open_store
 
-        from illada.tracking import ensure_experiment, tracking_uri
-
-        self.client = MlflowClient(tracking_uri(self.config))
-        self.experiment_id = ensure_experiment(self.config, self.client)
+        self.client, self.experiment_id = open_store(self.config)
         tags = {KIND: "pipeline", "illada.root": self.config.root, **self.version, **ray_job()}
         run = self.client.create_run(self.experiment_id, run_name=f"{self.config.name}-pipeline", tags=self.redact.all(tags))
         self.run_id = run.info.run_id

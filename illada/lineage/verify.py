@@ -56,15 +56,20 @@ def checkpoint_digest(files: dict[str, dict]) -> str:
 
 def _hashes(urls: list[str], workers: int = 8) -> dict[str, str | None]:
     """sha256 of each file; None for one that is gone."""
+    from illada.progress import progress
 
-    def one(url: str) -> str | None:
-        try:
-            return storage.sha256_file(url)
-        except FileNotFoundError:
-            return None
+    with progress(len(urls), "verifying", unit="file") as bar:
 
-    with ThreadPoolExecutor(workers) as pool:
-        return dict(zip(urls, pool.map(one, urls)))
+        def one(url: str) -> str | None:
+            try:
+                return storage.sha256_file(url)
+            except FileNotFoundError:
+                return None
+            finally:
+                bar.update(1)
+
+        with ThreadPoolExecutor(workers) as pool:
+            return dict(zip(urls, pool.map(one, urls)))
 
 
 def verify(lineage: Lineage) -> VerifyReport:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from illada import storage
-from illada.config import Config
+from illada.config import Config, ConfigError
 from illada.lineage.pipeline import PipelineRecorder
 from illada.pipeline.stage import (
     FINGERPRINT,
@@ -44,7 +44,7 @@ def _stage_names(stages: list[Stage]) -> list[str]:
 
 def _check_stage_name(stages: list[Stage], name: str | None) -> None:
     if name is not None and name not in _stage_names(stages):
-        raise PipelineError(f"unknown stage {name!r}; stages are: {', '.join(_stage_names(stages))}")
+        raise ConfigError(f"unknown stage {name!r}; stages are: {', '.join(_stage_names(stages))}")
 
 
 def read_manifest(config: Config, stage: str) -> dict | None:

@@ -44,6 +44,7 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from illada import layout, storage
 from illada.config import Config
 from illada.layout import CHECKPOINT_MARKER, STEP_DIR, complete_checkpoints, resolve_checkpoint
+from illada.progress import hashing
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class Checkpointer:
         train.init_from's weights if set. Returns what was loaded, or None."""
         found = complete_checkpoints(self.root)
         if found:
+            if self.rank0:
+                log.info("loading checkpoint %s", found[-1])
             self._load_full(found[-1], model, optimizer, scheduler, data, state)
             self.parent = found[-1]
             log.info("resumed from %s at step %d", found[-1], state.step)
@@ -104,6 +107,8 @@ class Checkpointer:
         """Write step_<step>/ on every rank; complete (visible) once rank 0 writes the marker."""
         start = time.perf_counter()
         path = layout.step_dir(self.root, state.step)
+        if self.rank0:
+            log.info("saving checkpoint %s", path)
         if self.rank0:
             shutil.rmtree(path, ignore_errors=True)  # a crashed save of this same step
             os.makedirs(path)
@@ -135,7 +140,8 @@ class Checkpointer:
         mine = sorted(glob.glob(os.path.join(path, f"__{rank}_*.distcp")))
         if rank == 0:
             mine += [os.path.join(path, n) for n in ("common.pt", "metadata.json", ".metadata") if os.path.exists(os.path.join(path, n))]
-        local = {os.path.basename(f): file_checksum(f) for f in mine}
+        with hashing(sum(os.path.getsize(f) for f in mine), f"checksums of {os.path.basename(path)}", disable=not self.rank0) as bar:
+            local = {os.path.basename(f): file_checksum(f, bar.update) for f in mine}
         gathered = [None] * dist.get_world_size() if self.rank0 else None
         dist.gather_object(local, gathered, dst=0)
         if not self.rank0:
@@ -174,8 +180,8 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def file_checksum(path: str) -> dict:
-    return {"size": os.path.getsize(path), "sha256": storage.sha256_file(path)}
+def file_checksum(path: str, on_read=None) -> dict:
+    return {"size": os.path.getsize(path), "sha256": storage.sha256_file(path, on_read=on_read)}
 
 
 def files_digest(files: dict[str, dict]) -> str:

@@ -61,10 +61,10 @@ class MetricsLogger:
             import mlflow
 
             from illada.lineage.training import TrainingRecorder
-            from illada.tracking import ensure_experiment, tracking_uri
+            from illada.tracking import open_store, tracking_uri
 
+            _, experiment_id = open_store(config)
             mlflow.set_tracking_uri(tracking_uri(config))
-            experiment_id = ensure_experiment(config)
             mlflow.set_experiment(experiment_id=experiment_id)
             self.mlflow_run = mlflow.start_run(run_name=f"{config.name}-train")
             mlflow.log_params({"steps": config.train.steps, "global_batch_size": config.train.global_batch_size, "tp": config.train.parallel.tensor, "pp": config.train.parallel.pipeline, "world_size": self.world})

@@ -180,13 +180,10 @@ def describe_failure(error: BaseException) -> str:
 def start_mlflow_run(config: Config, plan: Plan) -> tuple[str, str]:
     """The MLflow run this job records into, whichever attempt of the worker group is training
     (rank 0 continues it through MLFLOW_RUN_ID). Returns (tracking URI, run id)."""
-    from mlflow.tracking import MlflowClient
-
-    from illada.tracking import ensure_experiment, tracking_uri
+    from illada.tracking import open_store, tracking_uri
 
     uri = tracking_uri(config)
-    client = MlflowClient(uri)
-    experiment_id = ensure_experiment(config, client)
+    client, experiment_id = open_store(config)
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata", {})
     tags = {
         "illada.launcher": "ray",

@@ -31,6 +31,7 @@ from illada.model.build import build_model, transformer_config
 from illada.model.config import ModelConfig
 from illada.objective import Noised, add_noise, answer_length_loss, diffusion_loss, random_length
 from illada.parallel import init_parallel
+from illada.progress import progress
 from illada.train import sft
 from illada.train.data import PackedData, stable_seed
 from illada.train.metrics import MetricsLogger, flops_per_token, peak_flops
@@ -212,6 +213,7 @@ def train_loop(config: Config, on_step=None) -> TrainState:
     metrics = MetricsLogger(config, flops_per_token(model_cfg, seq_len), peak_flops(), data_manifest=manifest, mix=mix, parent=checkpointer.parent)
     forward_backward = get_forward_backward_func()
     last_step = min(train.steps, state.step + (train.exit_after_steps or train.steps))
+    bar = progress(last_step, f"train {config.name}", unit="step", initial=state.step, disable=dist.get_rank() != 0)
     while state.step < last_step:
         start = time.perf_counter()
         before = dict(data.tokens_seen)
@@ -240,12 +242,16 @@ def train_loop(config: Config, on_step=None) -> TrainState:
         loss = global_mean_loss(losses)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
-        metrics.log_step(state.step, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, train.global_batch_size * seq_len, time.perf_counter() - start, state.tokens_per_source)
+        seconds = time.perf_counter() - start
+        metrics.log_step(state.step, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, train.global_batch_size * seq_len, seconds, state.tokens_per_source)
+        bar.set_postfix_str(f"loss {loss:.4f}, {train.global_batch_size * seq_len / seconds:,.0f} tokens/s", refresh=False)
+        bar.update(1)
         if on_step:
             on_step(state.step, loss)
         if state.step % train.checkpoint.interval == 0 or state.step == last_step:
             path = checkpointer.save(model, optimizer, scheduler, data, state)
             metrics.log_checkpoint(path)
+    bar.close()
     metrics.close()
     return state
 
