@@ -38,6 +38,15 @@ def config_argument() -> str:
     return str(local) if local.is_file() and local.resolve() == CONFIG.resolve() else str(CONFIG)
 
 
+def next_steps(config) -> dict[str, str]:
+    """The commands the quickstart suggests, as a user would paste them."""
+    config_arg = config_argument()
+    return {
+        "rerun": f"illada pipeline run {config_arg} --root {config.root} --stage pack",
+        "train": f"illada train {config_arg} --root {config.root} train.steps={2 * config.train.steps}",
+    }
+
+
 def quickstart(root: str, overrides: list[str], num_cpus: int | None = None) -> int:
     from illada.cli import print_summary
     from illada.data.stages import PRETRAIN
@@ -51,13 +60,13 @@ def quickstart(root: str, overrides: list[str], num_cpus: int | None = None) -> 
     print(f"== data pipeline -> {config.root}")
     manifests = run_pipeline(config, PRETRAIN)
     print_summary(manifests)
-    config_arg = config_argument()
-    print(f"\nre-run one stage:   illada pipeline run {config_arg} --root {config.root} --stage pack")
+    hints = next_steps(config)
+    print(f"\nre-run one stage:   {hints['rerun']}")
 
     print(f"\n== pre-training the tiny model ({config.train.steps} steps) -> {config.root}/checkpoints")
     checkpoint = pretrain(config)
     print(f"checkpoint: {checkpoint}")
-    print(f"train further:      illada train {config_arg} --root {config.root} train.steps={2 * config.train.steps}")
+    print(f"train further:      {hints['train']}")
 
     from illada.lineage.cli import print_checkpoint_lineage
     from illada.sampling.cli import sample_after_training

@@ -48,6 +48,8 @@ def _object_store_problem(e: Exception) -> str | None:
         return "no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or storage.s3.key and storage.s3.secret)"
     if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
         return f"cannot reach the S3 endpoint ({e}); set AWS_ENDPOINT_URL or storage.s3.endpoint_url to your object store's address"
+    if name == "ProfileNotFound":
+        return f"{e}; set AWS_PROFILE to a profile of your AWS config, or unset it"
     if isinstance(e, PermissionError):
         return f"access denied ({e}); check that the credentials may read and write this bucket"
     return None
