@@ -9,6 +9,9 @@ import contextlib
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -40,6 +43,7 @@ def checkpoint(tmp_path_factory, ray_local) -> str:
     tmp = tmp_path_factory.mktemp("inference")
     raw = TinyConfigFactory().raw(str(tmp / "run"), str(tmp / "raw"))
     run_pipeline(load_config(base=raw), STAGES)
+    TinyConfigFactory.write_yaml({**raw, "model": MODEL, "train": TRAIN}, tmp / "train.yaml")  # for `illada train` below
     [path] = run_distributed(_train, 1, {**raw, "model": MODEL, "train": TRAIN}, timeout=300)
     return path
 
@@ -126,3 +130,25 @@ def test_eval_command_runs_harness_tasks_and_perplexity(checkpoint, tmp_path):
     assert code == 0 and json.loads(out)["illada_toy_mc"]["sample_len"] == 2, err
     code, _, err = cli("eval", checkpoint, "--task", "no_such_task")
     assert code == 2 and "unknown task(s) no_such_task; local tasks: illada_toy_gen, illada_toy_mc, illada_toy_ppl" in err
+
+
+def test_a_run_root_names_its_latest_checkpoint(checkpoint):
+    """`generate ROOT` finds ROOT/checkpoints' latest, as `lineage show ROOT` does."""
+    run_root = os.path.dirname(checkpoint)
+    code, out, err = cli("generate", run_root, "--prompt", "alpha", "--gen-length", "8", "--block-length", "8")
+    assert code == 0 and out.startswith("--- 'alpha'"), err
+
+
+def test_resuming_with_another_seed_is_one_line(checkpoint):
+    config = os.path.join(os.path.dirname(os.path.dirname(checkpoint)), "train.yaml")
+    code, _, err = cli("train", config, "train.seed=99", "train.steps=16")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("illada: error: train.seed is 99 but the checkpoint being resumed was trained with seed 1234"), err[-2000:]
+
+
+def test_lm_evals_own_command_line_runs_the_illada_model(checkpoint, tmp_path):
+    from illada.eval.harness import TASKS_DIR
+
+    argv = ["--model", "illada", "--model_args", f"checkpoint={checkpoint},mc_num=2", "--include_path", str(TASKS_DIR), "--tasks", "illada_toy_mc", "--limit", "2", "--output_path", str(tmp_path)]
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "illada-lm-eval"), *argv], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "illada_toy_mc" in done.stdout and "acc" in done.stdout, done.stdout[-2000:]

@@ -18,16 +18,9 @@ RUN apt-get update \
 
 WORKDIR /opt/illada
 COPY pyproject.toml README.md ./
-# The CPU wheel of the pinned torch (PyPI's default torch wheel is the CUDA one), then the
-# rest of the pins.
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; [torch] = [d for d in deps if d.startswith('torch==')]; print(torch + '+cpu')" > /tmp/torch.txt \
- && pip install -r /tmp/torch.txt --extra-index-url https://download.pytorch.org/whl/cpu \
- && python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith('torch')))" > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt
-
 COPY illada illada
 COPY pipelines pipelines
 COPY configs configs
-# illada's requires-python names the Python its CPU CI runs (3.11); the code runs on 3.12.
-RUN pip install --no-deps --ignore-requires-python -e . \
+# The data stack only (illada[data]): the pipeline's workers need no torch.
+RUN pip install ".[data]" \
  && illada --help > /dev/null

@@ -1,6 +1,6 @@
 # GPU training nodes (and the head of a training cluster): NGC PyTorch, which brings CUDA,
-# cuDNN, NCCL, a torch built for them, Transformer Engine and Apex, plus megatron-core,
-# Ray and illada at the versions pinned in pyproject.toml. From the repository root:
+# cuDNN, NCCL, a torch built for them, Transformer Engine and Apex, plus illada[train,data]
+# (megatron-core, Ray) at the versions pinned in pyproject.toml. From the repository root:
 #
 #   docker build -f infra/docker/gpu.Dockerfile -t $REGISTRY/illada-gpu:0.1.0 .
 #
@@ -26,17 +26,15 @@ RUN python -c "import sys; v = '%d.%d' % sys.version_info[:2]; assert v == '${PY
 
 WORKDIR /opt/illada
 COPY pyproject.toml README.md ./
-# illada's pinned dependencies except torch: the image's torch is built for its CUDA, and
-# its Transformer Engine against that torch; a torch from PyPI would replace both.
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith('torch')))" > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt \
- && python -c "import megatron.core, transformer_engine, ray; print('megatron-core', megatron.core.__version__, '| ray', ray.__version__)"
-
 COPY illada illada
 COPY pipelines pipelines
 COPY configs configs
-# illada's requires-python names the Python its CPU CI runs (3.11); the code runs on 3.12.
-RUN pip install --no-deps --ignore-requires-python -e . \
+# illada asks for torch as a range (pyproject.toml), which NGC's torch satisfies: pip keeps
+# it, and Transformer Engine built against it. The check fails the build if it was replaced.
+RUN python -c "import torch; print(torch.__version__)" > /tmp/torch-before \
+ && pip install ".[train,data]" \
+ && python -c "import torch; assert torch.__version__ == open('/tmp/torch-before').read().strip(), 'pip replaced the image torch'" \
+ && python -c "import megatron.core, transformer_engine, ray; print('megatron-core', megatron.core.__version__, '| ray', ray.__version__)" \
  && illada --help > /dev/null
 
 # Ray's default user-facing ports: GCS, dashboard (jobs), client.

@@ -1,0 +1,168 @@
+"""Stage 6, pack: token streams -> fixed-length sequences in Arrow shards, per source.
+
+Documents are concatenated, each followed by end-of-text, and cut every `seq_len` tokens;
+a document may run across sequences. Each tokens file is packed by its own task; the
+tokens left over at its end (fewer than seq_len) go to a remainder file, and a final task
+per source packs the remainders in order and pads the very last sequence. So only one
+sequence per source is padded, and no token is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from illada import storage
+from illada.config import PackConfig
+from illada.data.documents import DocumentWriter, iter_batches, read_table
+from illada.data.shards import ShardWriter
+from illada.pipeline.stage import Stage, StageContext, file_entry
+
+REMAINDER_SCHEMA = pa.schema([("id", pa.string()), ("tokens", pa.large_list(pa.int32()))])
+
+Piece = tuple[str, np.ndarray]  # (document id, tokens), end-of-text already appended if the document ends here
+
+
+class Packer:
+    """Cuts a stream of document pieces into sequences of exactly `seq_len` tokens."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+        self._pieces: list[Piece] = []
+        self._size = 0
+
+    def feed(self, pieces: Iterable[Piece]) -> Iterator[tuple[np.ndarray, list[int], list[str]]]:
+        """Yield (tokens, doc_ends, doc_ids) for each sequence completed by these pieces."""
+        for doc_id, tokens in pieces:
+            while len(tokens):
+                take = min(len(tokens), self.seq_len - self._size)
+                self._pieces.append((doc_id, tokens[:take]))
+                self._size += take
+                tokens = tokens[take:]
+                if self._size == self.seq_len:
+                    yield self._emit()
+
+    def _emit(self) -> tuple[np.ndarray, list[int], list[str]]:
+        tokens = np.concatenate([t for _, t in self._pieces])
+        ends = np.cumsum([len(t) for _, t in self._pieces]).tolist()
+        ids = [i for i, _ in self._pieces]
+        self._pieces, self._size = [], 0
+        return tokens, ends, ids
+
+    def remainder(self) -> list[Piece]:
+        return list(self._pieces)
+
+    def flush_padded(self, pad_id: int) -> tuple[np.ndarray, list[int], list[str], int] | None:
+        """The last, partial sequence padded to full length, or None if nothing is left."""
+        if not self._pieces:
+            return None
+        pad = self.seq_len - self._size
+        tokens, ends, ids = self._emit()
+        return np.concatenate([tokens, np.full(pad, pad_id, dtype=tokens.dtype)]), ends, ids, pad
+
+
+def _document_pieces(url: str, eot_id: int) -> Iterator[Piece]:
+    eot = np.array([eot_id], dtype=np.int32)
+    for batch in iter_batches(url, columns=["id", "tokens"]):
+        tokens = batch.column("tokens")
+        offsets = tokens.offsets.to_numpy()
+        values = tokens.values.to_numpy(zero_copy_only=False)
+        for row, doc_id in enumerate(batch.column("id").to_pylist()):
+            yield doc_id, np.concatenate([values[offsets[row] : offsets[row + 1]], eot])
+
+
+def pack_task(spec: dict) -> dict:
+    cfg = PackConfig.model_validate(spec["pack"])
+    packer = Packer(cfg.seq_len)
+    writer = ShardWriter(spec["shard_prefix"], cfg.seq_len, cfg.sequences_per_shard, cfg.zstd_level)
+    for tokens, ends, ids in packer.feed(_document_pieces(spec["tokens_url"], spec["eot_id"])):
+        writer.write(tokens, ends, ids, spec["source"])
+    shards = writer.close()
+    remainder = packer.remainder()
+    with DocumentWriter(spec["remainder_url"], schema=REMAINDER_SCHEMA) as rest:
+        for doc_id, tokens in remainder:
+            rest.write(id=doc_id, tokens=tokens)
+    return {"source": spec["source"], "documents": spec["documents"], "shards": shards, "remainder_tokens": int(sum(len(t) for _, t in remainder))}
+
+
+def tail_task(spec: dict) -> dict:
+    """Pack one source's remainders, in task order, and pad the last sequence."""
+    cfg = PackConfig.model_validate(spec["pack"])
+    packer = Packer(cfg.seq_len)
+    writer = ShardWriter(spec["shard_prefix"], cfg.seq_len, cfg.sequences_per_shard, cfg.zstd_level)
+    for url in spec["remainders"]:
+        table = read_table(url)
+        pieces = zip(table.column("id").to_pylist(), (np.asarray(t, dtype=np.int32) for t in table.column("tokens").to_pylist()))
+        for tokens, ends, ids in packer.feed(pieces):
+            writer.write(tokens, ends, ids, spec["source"])
+    last = packer.flush_padded(spec["pad_id"])
+    if last is not None:
+        tokens, ends, ids, pad = last
+        writer.write(tokens, ends, ids, spec["source"], pad=pad)
+    return {"source": spec["source"], "shards": writer.close()}
+
+
+def run_pack(ctx: StageContext) -> dict:
+    cfg = ctx.config.data.pack
+    special = ctx.inputs["tokenizer"]["stats"]["special_ids"]
+    token_files = ctx.input_files("tokenize", "tokens")
+    specs = {}
+    for i, f in enumerate(token_files):
+        tid = f"{i:06d}"
+        specs[tid] = {
+            "tokens_url": ctx.absolute(f["path"]),
+            "source": f["source"],
+            "documents": f["rows"],
+            "shard_prefix": ctx.path("shards", f["source"], tid),
+            "remainder_url": ctx.path("_remainder", f["source"], f"{tid}.parquet"),
+            "eot_id": special["eot"],
+            "pack": cfg.model_dump(mode="json"),
+        }
+    packed = ctx.run_tasks("pack", pack_task, specs)
+    sources = sorted({s["source"] for s in specs.values()})
+    tail_specs = {
+        source: {
+            "source": source,
+            "remainders": [s["remainder_url"] for tid, s in sorted(specs.items()) if s["source"] == source],
+            "shard_prefix": ctx.path("shards", source, "tail"),
+            "pad_id": special["pad"],
+            "pack": cfg.model_dump(mode="json"),
+        }
+        for source in sources
+    }
+    tails = ctx.run_tasks("tail", tail_task, tail_specs)
+    return _manifest_body(ctx, [packed[t] for t in sorted(packed)] + [tails[s] for s in sources], packed, special)
+
+
+def _manifest_body(ctx: StageContext, results: list[dict], packed: dict, special: dict) -> dict:
+    files, per_source = [], {}
+    for r in results:
+        s = per_source.setdefault(r["source"], {"sequences": 0, "tokens": 0, "pad_tokens": 0, "documents": 0, "shards": 0})
+        s["documents"] += r.get("documents", 0)
+        for shard in r["shards"]:
+            files.append(file_entry(ctx, shard["url"], "shard", shard["sha256"], shard["bytes"], sequences=shard["sequences"], tokens=shard["tokens"], source=r["source"]))
+            s["sequences"] += shard["sequences"]
+            s["tokens"] += shard["tokens"]
+            s["pad_tokens"] += shard["pad"]
+            s["shards"] += 1
+    stats = {
+        "seq_len": ctx.config.data.pack.seq_len,
+        "mix": ctx.config.data.mix(),
+        "special_ids": special,
+        "vocab_size": ctx.inputs["tokenizer"]["stats"]["vocab_size"],
+        "sources": per_source,
+        "sequences": sum(s["sequences"] for s in per_source.values()),
+        "tokens": sum(s["tokens"] for s in per_source.values()),
+    }
+    return {"files": files, "stats": stats}
+
+
+STAGE = Stage(
+    name="pack",
+    inputs=("tokenize", "tokenizer"),
+    run=run_pack,
+    identity=lambda config: {"pack": config.data.pack.model_dump(mode="json"), "mix": config.data.mix()},
+    description="Pack token streams per source into fixed-length sequences; write zstd Arrow shards and a manifest.",
+)

@@ -1,0 +1,128 @@
+"""Tokens a checkpoint has consumed per source, against the mix its run was told to follow.
+
+A checkpoint's own count runs from the start of its training (resumed runs continue it);
+tokens seen by a checkpoint it was initialised from are reported beside it as inherited,
+so "seen in all" is everything the weights have been trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from illada.lineage.graph import Lineage, LineageError
+
+
+@dataclass
+class MixRow:
+    source: str
+    target: float  # the run's normalised weight (0 when the run did not list the source)
+    tokens: int  # consumed by this checkpoint's training, resumes included
+    share: float  # tokens / all its tokens
+    inherited: int = 0  # through initialised-from checkpoints
+
+    @property
+    def seen(self) -> int:
+        return self.tokens + self.inherited
+
+
+@dataclass
+class MixReport:
+    checkpoint: str
+    step: int | None
+    rows: list[MixRow] = field(default_factory=list)
+    inherited_from: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.rows)
+
+    def to_dict(self) -> dict:
+        rows = [asdict(r) | {"seen": r.seen} for r in self.rows]
+        return {"checkpoint": self.checkpoint, "step": self.step, "tokens": self.tokens, "inherited_from": self.inherited_from, "rows": rows}
+
+
+def mix_report(lineage: Lineage) -> MixReport:
+    root = lineage.nodes[lineage.root]
+    if root.kind != "checkpoint":
+        raise LineageError(f"`lineage mix` needs a checkpoint; {root.label} is a {root.kind.replace('_', ' ')}")
+    tokens = root.facts.get("tokens per source") or {}
+    target = _target_mix(lineage, lineage.root)
+    inherited, ancestors = _inherited(lineage, lineage.root)
+    total = sum(tokens.values()) or 1
+    names = sorted(set(tokens) | set(target) | set(inherited))
+    rows = [MixRow(n, target.get(n, 0.0), int(tokens.get(n, 0)), tokens.get(n, 0) / total, int(inherited.get(n, 0))) for n in names]
+    return MixReport(root.facts.get("path", root.label), root.facts.get("step"), rows, ancestors)
+
+
+def _target_mix(lineage: Lineage, checkpoint_id: str) -> dict[str, float]:
+    for edge in lineage.parents(checkpoint_id):
+        if edge.relation == "trained by":
+            return lineage.nodes[edge.parent].facts.get("mix") or {}
+    # No MLflow record: the data it trained on carries the mix the pack stage was given.
+    for edge in lineage.parents(checkpoint_id):
+        if edge.relation == "trained on":
+            return lineage.nodes[edge.parent].detail.get("stats", {}).get("mix", {})
+    return {}
+
+
+def _inherited(lineage: Lineage, checkpoint_id: str) -> tuple[dict[str, int], list[str]]:
+    """Tokens of the checkpoints this one was initialised from (their own inheritance too).
+    A resumed-from parent's tokens are already in the child's count."""
+    out: dict[str, int] = {}
+    ancestors: list[str] = []
+    node_id = checkpoint_id
+    while True:
+        parent = next((e.parent for e in lineage.parents(node_id) if e.relation in ("initialised from", "resumed from")), None)
+        if parent is None:
+            return out, ancestors
+        relation = next(e.relation for e in lineage.parents(node_id) if e.parent == parent)
+        if relation == "initialised from":
+            ancestors.append(lineage.nodes[parent].facts.get("path", parent))
+            for name, n in (lineage.nodes[parent].facts.get("tokens per source") or {}).items():
+                out[name] = out.get(name, 0) + int(n)
+        node_id = parent
+
+
+def table(report: MixReport) -> str:
+    lines = [f"tokens consumed by {report.checkpoint} (step {report.step})", ""]
+    lines.append(f"{'source':<20}{'target':>8}{'tokens':>14}{'share':>8}{'vs target':>11}{'inherited':>12}{'seen in all':>13}")
+    for r in report.rows:
+        lines.append(f"{r.source:<20}{r.target:>8.3f}{r.tokens:>14,}{r.share:>8.3f}{r.share - r.target:>+11.3f}{r.inherited:>12,}{r.seen:>13,}")
+    inherited = sum(r.inherited for r in report.rows)
+    lines.append(f"{'total':<20}{'':>8}{report.tokens:>14,}{'':>8}{'':>11}{inherited:>12,}{report.tokens + inherited:>13,}")
+    if report.inherited_from:
+        lines += ["", "inherited through initialisation from: " + " <- ".join(report.inherited_from)]
+    return "\n".join(lines) + "\n"
+
+
+def as_json(report: MixReport) -> str:
+    return json.dumps(report.to_dict(), indent=2) + "\n"
+
+
+def plot(report: MixReport, path: str) -> str:
+    """Bars per source: target share and consumed share; PNG or SVG by extension."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if os.path.splitext(path)[1].lower() not in (".png", ".svg"):
+        raise ValueError(f"plot {path}: give a .png or .svg file name")
+    names = [r.source for r in report.rows]
+    xs = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(names) + 2), 3.6))
+    ax.bar([x - 0.2 for x in xs], [r.target for r in report.rows], 0.4, label="target", color="#bbbbbb")
+    bars = ax.bar([x + 0.2 for x in xs], [r.share for r in report.rows], 0.4, label="consumed", color="#2a9d8f")
+    for bar, r in zip(bars, report.rows):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r.tokens:,}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("share of tokens")
+    ax.set_title(f"{os.path.basename(report.checkpoint)}: {report.tokens:,} tokens", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,144 @@
+"""Build the bidirectional Transformer as a megatron-core GPTModel (SPEC §5).
+
+Calling the model (what `forward_logits` and `per_token_loss` wrap):
+
+    model(input_ids=tokens, position_ids=None, attention_mask=None)            # logits [b, s, v/tp]
+    model(input_ids=tokens, position_ids=None, attention_mask=None, labels=y)  # CE [b, s], unshifted
+
+`attention_mask=None` with the no-mask spec is full bidirectional attention; RoPE needs no
+position ids. With labels the loss is the per-token cross entropy of position i against
+labels[:, i] (no shift), computed on the vocabulary shards without gathering the logits.
+On a middle pipeline stage the model returns hidden states; feed those stages through
+megatron's `get_forward_backward_func`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from illada.model.attention import SDPAttention
+from illada.model.config import ModelConfig
+
+
+def transformer_config(
+    cfg: ModelConfig,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    bf16: bool = False,
+    sequence_parallel: bool = False,
+) -> TransformerConfig:
+    check_parallel_sizes(cfg, tp, pp)
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=bf16,
+        # Without a GPU the weights must be created on the CPU. This path also draws each
+        # full weight from the default generator and then keeps this rank's shard, so a seed
+        # gives the same model at every tensor-parallel size.
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # The fused kernels these enable are CUDA/TE-only; the unfused paths are exact.
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def check_parallel_sizes(cfg: ModelConfig, tp: int, pp: int) -> None:
+    problems = []
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"):
+        if getattr(cfg, name) % tp:
+            problems.append(f"{name} ({getattr(cfg, name)}) is not divisible by the tensor-parallel size {tp}")
+    if cfg.num_layers % pp:
+        problems.append(f"num_layers ({cfg.num_layers}) is not divisible by the pipeline-parallel size {pp}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm with megatron's norm signature. Under sequence parallelism each TP rank
+    sees a slice of the sequence, so the weight is marked for megatron to all-reduce its
+    gradient across TP (megatron's own torch-norm wrapper refuses sequence parallelism)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def bidirectional_layer_spec() -> ModuleSpec:
+    """The local (megatron-core only) layer spec with the causal mask switched off and SDPA
+    as the core attention."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    return spec
+
+
+def build_model(
+    cfg: ModelConfig,
+    tconfig: TransformerConfig,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    layer_spec: ModuleSpec | None = None,
+) -> GPTModel:
+    """This rank's part of the model: its TP shard of its PP stage's layers. `pre_process` /
+    `post_process` say whether the stage holds the embedding / the final norm and LM head
+    (parallel_state.is_pipeline_first_stage() / is_pipeline_last_stage()). `layer_spec`
+    replaces the bidirectional spec (tests build a causal control with it)."""
+    layers = layer_spec or bidirectional_layer_spec()
+    block = TransformerBlockSubmodules(layer_specs=[layers] * get_num_layers_to_build(tconfig), layer_norm=RMSNorm)
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=block,
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_seq_len,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="rope",
+        rotary_base=cfg.rope_theta,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def forward_logits(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits [b, s, vocab] (gathered across TP) for a one-stage model."""
+    return model(input_ids=tokens, position_ids=None, attention_mask=None, runtime_gather_output=True)
+
+
+def per_token_loss(model: GPTModel, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy [b, s] of position i against labels[:, i]; no shift, no reduction."""
+    return model(input_ids=tokens, position_ids=None, attention_mask=None, labels=labels)

@@ -1,0 +1,192 @@
+"""Distributed checkpoints with megatron-core `dist_checkpointing` (torch_dist format).
+
+Why dist_checkpointing: it saves each rank's tensor shards with their global offsets, so a
+checkpoint written at one TP/PP/DP layout loads at any other (resharding), and it runs
+the same on CPU (gloo) and GPU (NCCL). The optimizer state is sharded like the parameters
+(we use megatron's non-distributed optimizer), so it reshards too.
+
+Layout under the checkpoint directory:
+
+    step_00001000/              one checkpoint
+        __<rank>_<n>.distcp     tensor shards, written in parallel across DP ranks
+        common.pt               scheduler, data position, train state (rank 0)
+        metadata.json           dist_checkpointing's
+        illada.json             written last: the checkpoint is complete only with it
+
+A crash mid-save leaves a step directory without `illada.json`; it is never loaded and is
+removed by the next save. `illada.json` also records what the lineage needs: the step,
+tokens per source, the parent checkpoint, the data it read and a checksum of every file.
+
+RNG state: every random draw of training (masks, noise levels, random lengths) comes from a
+generator seeded by (seed, step, micro-batch, DP rank), and the model has no dropout, so
+the step is the whole RNG state; nothing else needs saving for an exact resume.
+
+Checkpoints go to a filesystem path every rank can reach (local disk for one node; a shared
+filesystem on a cluster). torch_dist writes through the filesystem, not fsspec, so s3://
+is refused with a message.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+from illada import layout, storage
+from illada.config import Config
+from illada.layout import CHECKPOINT_MARKER, STEP_DIR, complete_checkpoints, resolve_checkpoint
+from illada.progress import hashing
+
+log = logging.getLogger(__name__)
+
+def checkpoint_root(config: Config) -> str:
+    return layout.checkpoint_root(config.root, config.train.checkpoint.dir)
+
+
+def unwrap(model):
+    """The megatron model inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def model_state(model) -> dict:
+    return unwrap(model).sharded_state_dict()
+
+
+def load_model_weights(model, path: str) -> None:
+    """Load only the weights of a checkpoint (saved at any TP/PP layout) into this rank's
+    model, built for the current layout (a GPTModel, or megatron's DDP around one)."""
+    state = dist_checkpointing.load({"model": model_state(model)}, resolve_checkpoint(path))
+    unwrap(model).load_state_dict(state["model"])
+
+
+class Checkpointer:
+    def __init__(self, config: Config):
+        self.config = config
+        self.root = checkpoint_root(config)
+        self.keep_last = config.train.checkpoint.keep_last
+        self.parent: str | None = None  # the checkpoint this run continued or started from
+        self.rank0 = dist.get_rank() == 0
+
+    def restore(self, model, optimizer, scheduler, data, state) -> str | None:
+        """Resume from the latest complete checkpoint here; otherwise start from
+        train.init_from's weights if set. Returns what was loaded, or None."""
+        found = complete_checkpoints(self.root)
+        if found:
+            if self.rank0:
+                log.info("loading checkpoint %s", found[-1])
+            self._load_full(found[-1], model, optimizer, scheduler, data, state)
+            self.parent = found[-1]
+            log.info("resumed from %s at step %d", found[-1], state.step)
+        elif self.config.train.init_from:
+            self.parent = resolve_checkpoint(self.config.train.init_from)
+            load_model_weights(model, self.parent)
+            log.info("initialised weights from %s", self.parent)
+        return self.parent
+
+    def _load_full(self, path: str, model, optimizer, scheduler, data, state) -> None:
+        model_sd = model_state(model)
+        sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
+        loaded = dist_checkpointing.load(sharded, path)
+        unwrap(model).load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["scheduler"])
+        data.load_state_dict(loaded["data"])
+        state.step = loaded["train_state"]["step"]
+        state.tokens_per_source = dict(loaded["train_state"]["tokens_per_source"])
+
+    def save(self, model, optimizer, scheduler, data, state, extra_info: dict | None = None) -> str:
+        """Write step_<step>/ on every rank; complete (visible) once rank 0 writes the marker."""
+        start = time.perf_counter()
+        path = layout.step_dir(self.root, state.step)
+        if self.rank0:
+            log.info("saving checkpoint %s", path)
+        if self.rank0:
+            shutil.rmtree(path, ignore_errors=True)  # a crashed save of this same step
+            os.makedirs(path)
+        dist.barrier()
+        model_sd = model_state(model)
+        sharded = {
+            "model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd),
+            "scheduler": scheduler.state_dict(),
+            "data": data.state_dict(),
+            "train_state": asdict(state),
+        }
+        strategy = FullyParallelSaveStrategyWrapper(
+            get_default_save_sharded_strategy("torch_dist"), parallel_state.get_data_parallel_group()
+        )
+        dist_checkpointing.save(sharded, path, sharded_strategy=strategy)
+        files = self._checksums(path)
+        if self.rank0:
+            info = self._info(state, files, extra_info or {})
+            storage.write_json(os.path.join(path, CHECKPOINT_MARKER), info)  # atomic: temp file + rename
+            self._prune()
+        dist.barrier()
+        log.info("saved checkpoint %s in %.1f s", path, time.perf_counter() - start)
+        return path
+
+    def _checksums(self, path: str) -> dict[str, dict] | None:
+        """Each rank hashes the shard files it wrote; rank 0 gathers them (None elsewhere)."""
+        rank = dist.get_rank()
+        mine = sorted(glob.glob(os.path.join(path, f"__{rank}_*.distcp")))
+        if rank == 0:
+            mine += [os.path.join(path, n) for n in ("common.pt", "metadata.json", ".metadata") if os.path.exists(os.path.join(path, n))]
+        with hashing(sum(os.path.getsize(f) for f in mine), f"checksums of {os.path.basename(path)}", disable=not self.rank0) as bar:
+            local = {os.path.basename(f): file_checksum(f, bar.update) for f in mine}
+        gathered = [None] * dist.get_world_size() if self.rank0 else None
+        dist.gather_object(local, gathered, dst=0)
+        if not self.rank0:
+            return None
+        return dict(sorted((k, v) for part in gathered for k, v in part.items()))
+
+    def _info(self, state, files: dict, extra: dict) -> dict:
+        train = self.config.train
+        return {
+            "step": state.step,
+            "tokens_per_source": state.tokens_per_source,
+            "parent": self.parent,
+            "init_from": train.init_from,
+            "data_root": train.data_root,
+            "parallel": {
+                "tensor": parallel_state.get_tensor_model_parallel_world_size(),
+                "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+                "data": parallel_state.get_data_parallel_world_size(),
+            },
+            "model": self.config.model.model_dump(),
+            "files": files,
+            "digest": files_digest(files),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        }
+
+    def _prune(self) -> None:
+        """Keep the newest keep_last complete checkpoints; drop older ones and crashed saves."""
+        complete = complete_checkpoints(self.root)
+        latest = complete[-1] if complete else None
+        for old in complete[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for name in os.listdir(self.root):
+            path = os.path.join(self.root, name)
+            if STEP_DIR.match(name) and path not in complete and (latest is None or path < latest):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def file_checksum(path: str, on_read=None) -> dict:
+    return {"size": os.path.getsize(path), "sha256": storage.sha256_file(path, on_read=on_read)}
+
+
+def files_digest(files: dict[str, dict]) -> str:
+    """One content hash of a checkpoint: over its files' names and hashes."""
+    h = hashlib.sha256()
+    for name, meta in sorted(files.items()):
+        h.update(f"{name}\0{meta['sha256']}\n".encode())
+    return h.hexdigest()

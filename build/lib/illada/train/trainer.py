@@ -1,0 +1,264 @@
+"""Pre-training with megatron-core: the masked-diffusion objective under TP, PP and DP.
+
+One process per device, started by torchrun (or by Ray in the cluster path). Each step:
+this rank's slice of the global batch is cut into micro-batches, each noised with a
+generator seeded by (seed, step, its place in the global batch) — so a resumed run, or a
+run at another parallel layout, sees the same masks — and run through megatron's pipeline
+schedule; megatron's DDP reduces the gradients and its optimizer (AdamW, clipping) steps
+under a WSD schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from illada import storage
+from illada.config import Config, ConfigError, TrainConfig
+from illada.model.build import build_model, transformer_config
+from illada.model.config import ModelConfig
+from illada.objective import Noised, add_noise, answer_length_loss, diffusion_loss, random_length
+from illada.parallel import init_parallel
+from illada.progress import progress
+from illada.train import sft
+from illada.train.data import PackedData, stable_seed
+from illada.train.metrics import MetricsLogger, flops_per_token, peak_flops
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_per_source: dict[str, int] = field(default_factory=dict)  # summed over all DP ranks
+
+
+@dataclass
+class Batch:
+    clean: torch.Tensor  # the labels
+    noised: Noised  # noised.tokens is the input
+    answer_len: torch.Tensor | None = None  # SFT in LLaDA mode: the loss divides by it
+
+
+def data_manifest(train: TrainConfig) -> dict:
+    url = storage.join(train.data_root, "pack", "manifest.json")
+    if not storage.exists(url):
+        raise ConfigError(f"no pack manifest at {url}: run the data pipeline first (illada pipeline run CONFIG), or set train.data_root to a completed run")
+    return storage.read_json(url)
+
+
+def build(config: Config):
+    """Model (wrapped in megatron DDP), optimizer and LR schedule for this rank."""
+    train, model_cfg = config.train, config.model
+    on_gpu = torch.cuda.is_available()
+    bf16 = train.bf16 and on_gpu
+    tconfig = transformer_config(
+        model_cfg,
+        tp=train.parallel.tensor,
+        pp=train.parallel.pipeline,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        sequence_parallel=train.parallel.sequence_parallel,
+    )
+    tconfig.variable_seq_lengths = train.parallel.pipeline > 1 and (train.random_length_fraction > 0 or train.objective == "sft")
+    model = build_model(
+        model_cfg,
+        tconfig,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    if on_gpu:
+        model.cuda()
+    model = DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.no_sync_func = model.no_sync
+    optim = train.optim
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=optim.lr,
+            min_lr=optim.min_lr,
+            weight_decay=optim.weight_decay,
+            adam_beta1=optim.beta1,
+            adam_beta2=optim.beta2,
+            adam_eps=optim.eps,
+            clip_grad=optim.clip_grad,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        ),
+        [model],
+    )
+    decay_style = "WSD" if optim.decay_steps else "constant"
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=train.steps,
+        lr_decay_style=decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=train.steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=optim.decay_steps or None,
+        lr_wsd_decay_style="cosine" if optim.decay_steps else None,
+    )
+    return model, optimizer, scheduler, tconfig
+
+
+def micro_batches(tokens: np.ndarray, train: TrainConfig, step: int, mask_id: int, device) -> list[Batch]:
+    """Noise this rank's rows in micro-batches. Each micro-batch's generator is seeded by its
+    index in the global batch, so the masks do not depend on the parallel layout: DP=2 sees
+    what DP=1 sees, and a resumed run what an uninterrupted one saw."""
+    first = parallel_state.get_data_parallel_rank() * len(tokens)
+    out = []
+    for m in range(0, len(tokens), train.micro_batch_size):
+        g = torch.Generator().manual_seed(stable_seed(train.seed, step, first + m))
+        clean = random_length(torch.from_numpy(tokens[m : m + train.micro_batch_size]), train.random_length_fraction, g)
+        noised = add_noise(clean, mask_id, g)
+        out.append(Batch(clean.to(device), Noised(noised.tokens.to(device), noised.masked.to(device), noised.p.to(device))))
+    return out
+
+
+def sft_micro_batches(samples: list[sft.Sample], train: TrainConfig, step: int, special_ids: dict[str, int], device) -> list[Batch]:
+    """SFT's micro-batches, seeded as `micro_batches` are; each padded with end-of-text to
+    its longest sample's bucket (illada.train.sft)."""
+    first = parallel_state.get_data_parallel_rank() * len(samples)
+    out = []
+    for m in range(0, len(samples), train.micro_batch_size):
+        g = torch.Generator().manual_seed(stable_seed(train.seed, step, first + m))
+        clean, noised, answer_len = sft.micro_batch(samples[m : m + train.micro_batch_size], train.sft.mode, special_ids, g)
+        noised = Noised(noised.tokens.to(device), noised.masked.to(device), noised.p.to(device))
+        out.append(Batch(clean.to(device), noised, None if answer_len is None else answer_len.to(device)))
+    return out
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    token_ce = model(input_ids=batch.noised.tokens, position_ids=None, attention_mask=None, labels=batch.clean)
+
+    def loss_func(output: torch.Tensor):
+        if batch.answer_len is None:
+            loss = diffusion_loss(output.float(), batch.noised)
+        else:
+            loss = answer_length_loss(output.float(), batch.noised, batch.answer_len)
+        # A copy: megatron divides the returned loss by the micro-batch count in place.
+        return loss, {"loss": loss.detach().clone()}
+
+    return token_ce, loss_func
+
+
+def global_mean_loss(losses: list[dict]) -> float:
+    """The step's loss averaged over micro-batches and DP ranks (known on the last stage)."""
+    local = torch.stack([d["loss"] for d in losses]).mean() if losses else torch.zeros(())
+    local = local.float().to(_device())
+    dist.all_reduce(local)
+    tp_dp = parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_data_parallel_world_size()
+    return local.item() / tp_dp
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sum_over_data_parallel(counts: dict[str, int]) -> dict[str, int]:
+    names = sorted(counts)
+    t = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=_device())
+    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return {n: int(v) for n, v in zip(names, t.tolist())}
+
+
+def train_loop(config: Config, on_step=None) -> TrainState:
+    """Run config.train.steps steps (from the latest checkpoint if one exists); return the state."""
+    from illada.train.checkpoint import Checkpointer
+
+    config.require("model", "train")
+    train, model_cfg = config.train, config.model
+    init_parallel(train.parallel.tensor, train.parallel.pipeline, train.seed, timeout_s=train.collective_timeout_s)
+    storage.configure(config.storage)
+    manifest = data_manifest(train)
+    check_data_fits_model(manifest, model_cfg)
+    sft.check_objective(manifest, train)
+    mix = train.mix or manifest["stats"]["mix"]
+    if train.objective == "sft":
+        config = sft.with_steps(config, manifest, mix)  # train.sft.epochs -> train.steps
+        train = config.train
+    dp_size = parallel_state.get_data_parallel_world_size()
+    if train.global_batch_size % (dp_size * train.micro_batch_size):
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) must be divisible by data-parallel size ({dp_size}) "
+            f"x train.micro_batch_size ({train.micro_batch_size})"
+        )
+    model, optimizer, scheduler, tconfig = build(config)
+    data = (sft.SFTData if train.objective == "sft" else PackedData)(manifest, train.data_root, mix, train.seed, parallel_state.get_data_parallel_rank(), dp_size)
+    state = TrainState(tokens_per_source=dict.fromkeys(data.schedule.names, 0))
+    checkpointer = Checkpointer(config)
+    checkpointer.restore(model, optimizer, scheduler, data, state)
+
+    seq_len = manifest["stats"]["seq_len"]
+    mask_id = manifest["stats"]["special_ids"]["mask"]
+    metrics = MetricsLogger(config, flops_per_token(model_cfg, seq_len), peak_flops(), data_manifest=manifest, mix=mix, parent=checkpointer.parent)
+    forward_backward = get_forward_backward_func()
+    last_step = min(train.steps, state.step + (train.exit_after_steps or train.steps))
+    bar = progress(last_step, f"train {config.name}", unit="step", initial=state.step, disable=dist.get_rank() != 0)
+    while state.step < last_step:
+        start = time.perf_counter()
+        before = dict(data.tokens_seen)
+        rows = data.next_batch(train.global_batch_size)
+        if train.objective == "sft":
+            batches = sft_micro_batches(rows, train, state.step, manifest["stats"]["special_ids"], _device())
+        else:
+            batches = micro_batches(rows, train, state.step, mask_id, _device())
+        optimizer.zero_grad()
+        model.zero_grad_buffer()
+        losses = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=len(batches),
+            seq_length=max(b.clean.shape[1] for b in batches),
+            micro_batch_size=train.micro_batch_size,
+            forward_only=False,
+        )
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        state.step += 1
+        step_tokens = sum_over_data_parallel({n: data.tokens_seen[n] - before[n] for n in before})
+        for n, v in step_tokens.items():
+            state.tokens_per_source[n] += v
+        loss = global_mean_loss(losses)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
+        seconds = time.perf_counter() - start
+        metrics.log_step(state.step, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, train.global_batch_size * seq_len, seconds, state.tokens_per_source)
+        bar.set_postfix_str(f"loss {loss:.4f}, {train.global_batch_size * seq_len / seconds:,.0f} tokens/s", refresh=False)
+        bar.update(1)
+        if on_step:
+            on_step(state.step, loss)
+        if state.step % train.checkpoint.interval == 0 or state.step == last_step:
+            path = checkpointer.save(model, optimizer, scheduler, data, state)
+            metrics.log_checkpoint(path)
+    bar.close()
+    metrics.close()
+    return state
+
+
+def check_data_fits_model(manifest: dict, model: ModelConfig) -> None:
+    stats = manifest["stats"]
+    if stats["vocab_size"] > model.vocab_size:
+        raise ConfigError(f"the tokenizer has {stats['vocab_size']} tokens but model.vocab_size is {model.vocab_size}")
+    if stats["seq_len"] > model.max_seq_len:
+        raise ConfigError(f"the shards hold {stats['seq_len']}-token sequences but model.max_seq_len is {model.max_seq_len}")
