@@ -2,7 +2,7 @@
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup quickstart test test-py312 bench clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	scripts/bootstrap.sh
@@ -16,5 +16,11 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest
 
+# The other supported Python: a non-editable install of the data stack (no torch) and the
+# tests that need nothing more. The full suite runs on the Python of `make test`.
+PY312_TESTS := tests/test_config.py tests/test_cli.py tests/test_imports.py tests/data/test_ingest.py tests/data/test_dedup_exact.py
+test-py312:
+	scripts/python312-check.sh $(PY312_TESTS)
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .venv312

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from illada.errors import UserError
-from illada.model.config import ModelConfig
+from illada.model.config import ModelConfig, check_parallel_sizes
 from illada.schema import Strict
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -335,12 +335,7 @@ class Config(Strict):
     def _layout_fits_model(self) -> Config:
         if self.train is None or self.model is None:
             return self
-        tp, pp, model = self.train.parallel.tensor, self.train.parallel.pipeline, self.model
-        for name in ("num_attention_heads", "num_query_groups", "vocab_size", "ffn_hidden_size"):
-            if getattr(model, name) % tp:
-                raise ValueError(f"train.parallel.tensor ({tp}) must divide model.{name} ({getattr(model, name)})")
-        if model.num_layers % pp:
-            raise ValueError(f"train.parallel.pipeline ({pp}) must divide model.num_layers ({model.num_layers})")
+        check_parallel_sizes(self.model, self.train.parallel.tensor, self.train.parallel.pipeline)
         return self
 
     @model_validator(mode="after")

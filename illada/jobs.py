@@ -26,7 +26,7 @@ from illada.config import Config, ConfigError, dump_config, load_config
 from illada.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("illada", "pipelines", "configs")  # configs: the model presets a config may name
+PACKAGES = ("illada", "pipelines")  # illada/configs (package data) holds the model presets
 JOB_CONFIG = "job_config.yaml"  # in the staged working directory
 CONFIG_ENV = "ILLADA_JOB_CONFIG"  # the config's YAML, for jobs from an image
 

@@ -207,8 +207,11 @@ def mlflow_store(tmp_path_factory):
 def one_torch_thread():
     """Tests run small tensors: one thread is fastest, and far faster than two on a busy
     2-core machine. (Training and megatron tests run in child processes with their own.)"""
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # the data-stack-only install that CI checks on a second Python
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -114,8 +114,8 @@ def test_staged_working_dir_holds_the_code_and_a_config_without_secrets(tmp_path
 
     staging = jobs._stage_working_dir(load_config(base=raw))
     try:
-        assert sorted(p.name for p in staging.iterdir()) == ["configs", "illada", "job_config.yaml", "pipelines"]
-        assert (staging / "configs" / "model" / "tiny.yaml").exists()  # presets a config may name
+        assert sorted(p.name for p in staging.iterdir()) == ["illada", "job_config.yaml", "pipelines"]
+        assert (staging / "illada" / "configs" / "model" / "tiny.yaml").is_file()  # presets a config may name, as real files
         assert (staging / "pipelines" / "pretrain_data.py").exists() and (staging / "illada" / "jobs.py").exists()
         assert not list(staging.rglob("__pycache__"))
         text = (staging / "job_config.yaml").read_text()

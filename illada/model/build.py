@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from illada.model.attention import SDPAttention
-from illada.model.config import ModelConfig
+from illada.model.config import ModelConfig, check_parallel_sizes
 
 
 def transformer_config(
@@ -70,17 +70,6 @@ def transformer_config(
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
     )
-
-
-def check_parallel_sizes(cfg: ModelConfig, tp: int, pp: int) -> None:
-    problems = []
-    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"):
-        if getattr(cfg, name) % tp:
-            problems.append(f"{name} ({getattr(cfg, name)}) is not divisible by the tensor-parallel size {tp}")
-    if cfg.num_layers % pp:
-        problems.append(f"num_layers ({cfg.num_layers}) is not divisible by the pipeline-parallel size {pp}")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 class RMSNorm(torch.nn.RMSNorm):

@@ -61,6 +61,19 @@ class ModelConfig(Strict):
         return self.hidden_size // self.num_attention_heads
 
 
+def check_parallel_sizes(cfg: ModelConfig, tp: int, pp: int) -> None:
+    """The tensor-parallel size must divide the heads, KV groups, FFN and vocabulary; the
+    pipeline-parallel size the layers."""
+    problems = []
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"):
+        if getattr(cfg, name) % tp:
+            problems.append(f"{name} ({getattr(cfg, name)}) is not divisible by the tensor-parallel size {tp}")
+    if cfg.num_layers % pp:
+        problems.append(f"num_layers ({cfg.num_layers}) is not divisible by the pipeline-parallel size {pp}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def num_parameters(cfg: ModelConfig) -> int:
     """Parameters by formula: tied embedding counted once, RMSNorm weights included, no biases."""
     h = cfg.hidden_size
