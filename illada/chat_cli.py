@@ -49,7 +49,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     try:
         config = sampler_config(args)
     except ValueError as e:
-        print(f"illada chat: error: {e}", file=sys.stderr)
+        print(f"illada: error: chat: {e}", file=sys.stderr)
         return 2
     from illada.chat import Chat
     from illada.inference import load_for_inference

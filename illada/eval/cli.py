@@ -60,7 +60,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         try:
             results.update(run_tasks(lm, harness_tasks, limit=args.limit, bootstrap_iters=args.bootstrap_iters, include_harness_tasks=args.include_harness_tasks))
         except ValueError as e:
-            print(f"illada eval: error: {e}", file=sys.stderr)
+            print(f"illada: error: eval: {e}", file=sys.stderr)
             return 2
     print(json.dumps(results, indent=2, default=str))
     if args.json_path:

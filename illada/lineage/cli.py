@@ -110,4 +110,6 @@ def print_checkpoint_lineage(checkpoint: str) -> None:
     if uri:
         print(f"\nopen it in the MLflow UI:  {ui_command(uri)}")
         print(f"  then {ui_link(uri, root.detail['experiment_id'], root.facts['model'])}")
-    print(f"audit it:  illada lineage show|mix|verify {root.facts.get('path', checkpoint)}")
+    path = root.facts.get("path", checkpoint)
+    print(f"audit it:  illada lineage verify {path}")
+    print(f"           illada lineage mix {path} --plot mix.png")

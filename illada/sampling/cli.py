@@ -59,7 +59,7 @@ def decoding_from_args(args: argparse.Namespace):
 
 
 def _fail(command: str, error: Exception) -> int:
-    print(f"illada {command}: error: {error}", file=sys.stderr)
+    print(f"illada: error: {command}: {error}", file=sys.stderr)
     return 2
 
 
