@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from illada.config import load_config
-from illada.train.checkpoint import MARKER
+from illada.layout import CHECKPOINT_MARKER as MARKER
 from illada.train.preflight import LaunchError, check_data, make_plan
 from illada.train.ray_launch import describe_failure
 from tests.conftest import REPO
