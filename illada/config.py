@@ -285,6 +285,17 @@ class TrainConfig(Strict):
         return root if "://" in root else os.path.abspath(root)
 
     @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainConfig:
+        epochs = self.sft.epochs
+        if epochs is not None and self.objective != "sft":
+            raise ValueError("sft.epochs applies to train.objective: sft; pre-training counts train.steps")
+        if epochs is not None and self.steps is not None:
+            raise ValueError("give train.steps or train.sft.epochs, not both")
+        if epochs is None and self.steps is None:
+            raise ValueError("train.steps is required (for SFT, train.sft.epochs may give it instead)")
+        return self
+
+    @model_validator(mode="after")
     def _schedule_fits(self) -> TrainConfig:
         optim = self.optim
         if self.steps is not None and optim.warmup_steps + optim.decay_steps > self.steps:
@@ -294,17 +305,6 @@ class TrainConfig(Strict):
             )
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
-        return self
-
-    @model_validator(mode="after")
-    def _steps_or_epochs(self) -> TrainConfig:
-        epochs = self.sft.epochs
-        if epochs is not None and self.objective != "sft":
-            raise ValueError("sft.epochs applies to train.objective: sft; pre-training counts train.steps")
-        if epochs is not None and self.steps is not None:
-            raise ValueError("give train.steps or train.sft.epochs, not both")
-        if epochs is None and self.steps is None:
-            raise ValueError("train.steps is required (for SFT, train.sft.epochs may give it instead)")
         return self
 
 
