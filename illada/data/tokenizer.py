@@ -4,6 +4,9 @@ The special tokens the model needs sit at fixed ids 0-6 of a trained tokenizer (
 iLLaDA release uses mask id 5). A loaded tokenizer keeps its own ids; tokens it lacks are
 added. Either way the ids are recorded in the manifest and read from there downstream:
 no other module hard-codes them.
+
+Special ids come only from the pipeline (noising, document ends, the chat template): raw
+text is encoded with `plain_text`, so a literal "<|mask|>" in a document is ordinary text.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
     if missing:
         raise ValueError(f"tokenizer lacks special tokens {missing}")
     return ids
+
+
+def plain_text(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer set to encode special-token strings found in text as ordinary text
+    (tokenizers' `encode_special_tokens`), never as their special ids. Returns it."""
+    tokenizer.encode_special_tokens = True
+    return tokenizer
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
