@@ -4,8 +4,9 @@ A stage is up to date when its manifest exists, was made with the fingerprint it
 have now (same code, config slice and input digests), and every file it lists is there
 with its recorded size (and, with `verify`, its sha256). A stage whose files are missing
 or changed is redone. `only` re-runs one stage, `start` re-runs a stage and everything
-after it, `force` re-runs all of them. Every run is recorded
-in MLflow (illada.lineage.pipeline): a run per pipeline, a nested run per stage that runs.
+after it, `force` re-runs all of them. One run at a time holds a root, and a root holds
+one pipeline (illada.pipeline.lock). Every run is recorded in MLflow
+(illada.lineage.pipeline): a run per pipeline, a nested run per stage that runs.
 """
 
 from __future__ import annotations
@@ -17,19 +18,17 @@ from functools import partial
 from illada import storage
 from illada.config import Config
 from illada.lineage.pipeline import PipelineRecorder
+from illada.pipeline.lock import RootLock, check_root_identity
 from illada.pipeline.stage import (
     FINGERPRINT,
     MANIFEST,
+    PipelineError,
     Stage,
     StageContext,
     write_manifest,
 )
 
 log = logging.getLogger(__name__)
-
-
-class PipelineError(RuntimeError):
-    """A stage cannot run or failed; the message says which and what to do."""
 
 
 @dataclass
@@ -109,8 +108,10 @@ def run_pipeline(
         forced.add(only)
 
     manifests: dict[str, dict] = {}
-    with PipelineRecorder(config) as recorder:  # an MLflow run, a nested one per stage that runs
+    with RootLock(config.root, "pipeline run") as lock, PipelineRecorder(config) as recorder:  # MLflow: a run, a nested one per stage run
+        check_root_identity(config, force)
         for stage in stages:
+            lock.check()
             if only and stage.name != only:
                 manifest = read_manifest(config, stage.name)
                 if manifest is not None:

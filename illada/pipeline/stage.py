@@ -33,6 +33,10 @@ MANIFEST = "manifest.json"
 FINGERPRINT = "_fingerprint.json"
 
 
+class PipelineError(RuntimeError):
+    """A stage cannot run or failed; the message says which and what to do."""
+
+
 def digest_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
