@@ -176,7 +176,7 @@ def test_stage_fails_with_a_clear_message_past_the_quarantine_bound(tmp_path, ra
     with pytest.raises(QuarantineError) as err:
         run_pipeline(config, STAGES)
     message = str(err.value)
-    assert "source 'bad': 2 of 3 records (66.7%)" in message
+    assert "source 'bad': 2 of 3 rows (66.7%)" in message
     assert "bad_json: 2" in message and "quarantine/bad/00000.jsonl" in message
     assert not (tmp_path / "run" / "ingest" / "manifest.json").exists()
 
