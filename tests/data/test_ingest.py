@@ -90,6 +90,27 @@ def test_parquet_without_the_text_column_is_quarantined_whole_with_its_rows(tmp_
     assert result["records"] == 10_000 and result["quarantined"] == {"missing_text": 10_000}
 
 
+def test_an_unreadable_parquet_file_is_quarantined_whole_with_its_bytes(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    result, docs, quarantine = run_ingest_task(tmp_path, {"name": "x", "paths": [str(tmp_path / "x.parquet")], "weight": 1})
+    [unit] = quarantine
+    assert docs == [] and (unit["reason"], unit["rows"], unit["bytes"]) == ("unreadable_parquet", 0, 31)
+    assert result["damaged"] == [{"file": "x.parquet", "reason": "unreadable_parquet", "detail": unit["detail"], "rows": 0, "bytes": 31}]
+
+
+def test_the_bound_also_weighs_damaged_files_by_bytes_when_their_rows_are_unknown(tmp_path):
+    from illada.data.ingest import _check_quarantine_rate
+    from illada.pipeline.stage import StageContext
+
+    ctx = StageContext(config=make_config(tmp_path / "run", [{"name": "s", "paths": ["unused"], "weight": 1}]), stage="ingest")
+    unit = {"file": "big.parquet", "reason": "unreadable_parquet", "detail": "not parquet", "rows": 0, "bytes": 9_000}
+    stats = {"s": {"records": 100, "documents": 100, "bytes": 10_000, "quarantined": {}, "damaged_files": [unit], "empty_files": []}}
+    with pytest.raises(QuarantineError, match=r"9000 of 10000 bytes \(90.0%\) are in damaged files.*File big.parquet is quarantined whole"):
+        _check_quarantine_rate(ctx, stats, [])
+    stats["s"]["bytes"] = 1_000_000  # a small damaged file among much good data passes (with its quarantine line)
+    _check_quarantine_rate(ctx, stats, [])
+
+
 def test_a_cut_zstd_file_is_quarantined_whole_none_of_its_documents_kept(tmp_path):
     rng = random.Random(0)
     # ~4 KB each, so the ~320 KB stream spans several zstd blocks and its first half decodes
