@@ -95,8 +95,13 @@ class RootLock:
         if self._etag is not None and self.lost is None:
             fs, path = storage.filesystem(self.url)
             bucket, key, _ = fs.split_path(path)
-            with contextlib.suppress(Exception):  # already gone or taken over: nothing of ours to delete
+            try:
                 fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self._etag)
+            except Exception:  # taken over, or a store without conditional deletes: delete only if still ours
+                fs.invalidate_cache(path)
+                with contextlib.suppress(FileNotFoundError):
+                    if json.loads(fs.cat_file(path)).get("owner") == self.holder["owner"]:
+                        fs.rm(path)
             fs.invalidate_cache(path)
 
     def check(self) -> None:
