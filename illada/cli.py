@@ -52,7 +52,7 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
     from illada.pipeline.runner import run_pipeline
 
     config = _config(args)
-    manifests = run_pipeline(config, stages_for(config), only=args.stage, start=args.start, force=args.force)
+    manifests = run_pipeline(config, stages_for(config), only=args.stage, start=args.start, force=args.force, verify=args.verify)
     print_summary(manifests)
     return 0
 
@@ -63,7 +63,7 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
 
     config = _config(args)
     print(f"{'stage':<14}{'state':<10}{'tasks done':>11}  digest")
-    for s in pipeline_status(config, stages_for(config)):
+    for s in pipeline_status(config, stages_for(config), verify=args.verify):
         print(f"{s.name:<14}{s.state:<10}{s.tasks_done:>11}  {(s.digest or '-')[:16]}")
     return 0
 
@@ -210,9 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = pipeline.add_parser("run", help="run the pipeline; up-to-date stages are skipped, interrupted ones resume")
     _add_config_args(run)
     _add_stage_args(run)
+    run.add_argument("--verify", action="store_true", help="check the sha256 of every output of the stages it would skip (sizes are always checked); rebuild what differs")
     run.set_defaults(func=cmd_pipeline_run)
     status = pipeline.add_parser("status", help="show each stage's state: complete, stale, partial or missing")
     _add_config_args(status)
+    status.add_argument("--verify", action="store_true", help="also check the sha256 of every listed output (sizes are always checked)")
     status.set_defaults(func=cmd_pipeline_status)
 
     submit = sub.add_parser("submit", help="send a run to a Ray cluster as a Ray Job").add_subparsers(dest="what", required=True, metavar="WHAT")

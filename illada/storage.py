@@ -122,6 +122,14 @@ def list_files(url: str) -> list[str]:
         return sorted(_unstrip(url, p) for p in fs.find(path))
 
 
+def file_sizes(url: str) -> dict[str, int]:
+    """The size of every file under a directory, recursively, by URL (one listing)."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return {}
+    return {_unstrip(url, p): int(info["size"]) for p, info in fs.find(path, detail=True).items()}
+
+
 def _unstrip(reference: str, path: str) -> str:
     if "://" in reference and not reference.startswith("file://"):
         return f"{reference.split('://', 1)[0]}://{path}"

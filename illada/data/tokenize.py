@@ -19,6 +19,7 @@ from tqdm import tqdm
 from illada import storage
 from illada.config import StorageConfig
 from illada.data.documents import DocumentWriter, iter_batches
+from illada.data.special_tokens import plain_text
 from illada.data.tokenizer import tokenizer_url
 from illada.pipeline.stage import Stage, StageContext, file_entry
 
@@ -32,7 +33,8 @@ TOKENS_SCHEMA = pa.schema(
 
 
 def encode(tokenizer: Tokenizer, texts: list[str]) -> pa.LargeListArray:
-    """Token ids of each text, as one Arrow list array (no per-token Python objects)."""
+    """Token ids of each text, as one Arrow list array (no per-token Python objects).
+    `tokenizer` must be `plain_text`: raw text never yields special ids."""
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     return pa.array([e.ids for e in encodings], type=pa.large_list(pa.int32()))
 
@@ -42,7 +44,7 @@ class TokenizeFiles:
 
     def __init__(self, tokenizer_url: str, storage_config: StorageConfig, batch_size: int):
         storage.configure(storage_config)
-        self.tokenizer = Tokenizer.from_str(storage.read_bytes(tokenizer_url).decode())
+        self.tokenizer = plain_text(Tokenizer.from_str(storage.read_bytes(tokenizer_url).decode()))
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

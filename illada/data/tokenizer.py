@@ -4,6 +4,9 @@ The special tokens the model needs sit at fixed ids 0-6 of a trained tokenizer (
 iLLaDA release uses mask id 5). A loaded tokenizer keeps its own ids; tokens it lacks are
 added. Either way the ids are recorded in the manifest and read from there downstream:
 no other module hard-codes them.
+
+Special ids come only from the pipeline (noising, document ends, the chat template): raw
+text is encoded with `plain_text`, so a literal "<|mask|>" in a document is ordinary text.
 """
 
 from __future__ import annotations

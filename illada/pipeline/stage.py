@@ -28,9 +28,12 @@ from tqdm import tqdm
 
 from illada import storage
 from illada.config import Config, StorageConfig, dump_config
+from illada.layout import MANIFEST
 
-MANIFEST = "manifest.json"
-FINGERPRINT = "_fingerprint.json"
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run or failed; the message says which and what to do."""
 
 
 def digest_json(obj: Any) -> str:

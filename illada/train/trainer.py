@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -33,7 +32,7 @@ from illada.objective import Noised, add_noise, answer_length_loss, diffusion_lo
 from illada.parallel import init_parallel
 from illada.progress import progress
 from illada.train import sft
-from illada.train.data import PackedData, stable_seed
+from illada.train.data import PackedData, Sequences, stable_seed
 from illada.train.metrics import MetricsLogger, flops_per_token, peak_flops
 
 log = logging.getLogger(__name__)
@@ -119,18 +118,23 @@ def build(config: Config):
     return model, optimizer, scheduler, tconfig
 
 
-def micro_batches(tokens: np.ndarray, train: TrainConfig, step: int, mask_id: int, device) -> list[Batch]:
-    """Noise this rank's rows in micro-batches. Each micro-batch's generator is seeded by its
-    index in the global batch, so the masks do not depend on the parallel layout: DP=2 sees
-    what DP=1 sees, and a resumed run what an uninterrupted one saw."""
-    first = parallel_state.get_data_parallel_rank() * len(tokens)
-    out = []
-    for m in range(0, len(tokens), train.micro_batch_size):
+def micro_batches(rows: Sequences, train: TrainConfig, step: int, mask_id: int, device) -> tuple[list[Batch], dict[str, int]]:
+    """Noise this rank's rows in micro-batches (padding is never masked nor scored), and
+    count the real tokens trained on per source, after any random-length cut. Each
+    micro-batch's generator is seeded by its index in the global batch, so the masks do not
+    depend on the parallel layout: DP=2 sees what DP=1 sees, and a resumed run what an
+    uninterrupted one saw."""
+    first = parallel_state.get_data_parallel_rank() * len(rows.tokens)
+    valid = torch.from_numpy(rows.valid())
+    out, tokens = [], {}
+    for m in range(0, len(rows.tokens), train.micro_batch_size):
         g = torch.Generator().manual_seed(stable_seed(train.seed, step, first + m))
-        clean = random_length(torch.from_numpy(tokens[m : m + train.micro_batch_size]), train.random_length_fraction, g)
-        noised = add_noise(clean, mask_id, g)
-        out.append(Batch(clean.to(device), Noised(noised.tokens.to(device), noised.masked.to(device), noised.p.to(device))))
-    return out
+        clean = random_length(torch.from_numpy(rows.tokens[m : m + train.micro_batch_size]), train.random_length_fraction, g)
+        noised = add_noise(clean, mask_id, g, valid=valid[m : m + train.micro_batch_size, : clean.shape[1]])
+        out.append(Batch(clean.to(device), noised.to(device)))
+        for source, n in rows.real_tokens(slice(m, m + train.micro_batch_size), clean.shape[1]).items():
+            tokens[source] = tokens.get(source, 0) + n
+    return out, tokens
 
 
 def sft_micro_batches(samples: list[sft.Sample], train: TrainConfig, step: int, special_ids: dict[str, int], device) -> list[Batch]:
@@ -141,8 +145,7 @@ def sft_micro_batches(samples: list[sft.Sample], train: TrainConfig, step: int, 
     for m in range(0, len(samples), train.micro_batch_size):
         g = torch.Generator().manual_seed(stable_seed(train.seed, step, first + m))
         clean, noised, answer_len = sft.micro_batch(samples[m : m + train.micro_batch_size], train.sft.mode, special_ids, g)
-        noised = Noised(noised.tokens.to(device), noised.masked.to(device), noised.p.to(device))
-        out.append(Batch(clean.to(device), noised, None if answer_len is None else answer_len.to(device)))
+        out.append(Batch(clean.to(device), noised.to(device), None if answer_len is None else answer_len.to(device)))
     return out
 
 
@@ -216,12 +219,12 @@ def train_loop(config: Config, on_step=None) -> TrainState:
     bar = progress(last_step, f"train {config.name}", unit="step", initial=state.step, disable=dist.get_rank() != 0)
     while state.step < last_step:
         start = time.perf_counter()
-        before = dict(data.tokens_seen)
-        rows = data.next_batch(train.global_batch_size)
         if train.objective == "sft":
-            batches = sft_micro_batches(rows, train, state.step, manifest["stats"]["special_ids"], _device())
+            before = dict(data.tokens_seen)
+            batches = sft_micro_batches(data.next_batch(train.global_batch_size), train, state.step, manifest["stats"]["special_ids"], _device())
+            local_tokens = {n: data.tokens_seen[n] - before[n] for n in before}
         else:
-            batches = micro_batches(rows, train, state.step, mask_id, _device())
+            batches, local_tokens = micro_batches(data.next_sequences(train.global_batch_size), train, state.step, mask_id, _device())
         optimizer.zero_grad()
         model.zero_grad_buffer()
         losses = forward_backward(
@@ -236,7 +239,7 @@ def train_loop(config: Config, on_step=None) -> TrainState:
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         state.step += 1
-        step_tokens = sum_over_data_parallel({n: data.tokens_seen[n] - before[n] for n in before})
+        step_tokens = sum_over_data_parallel({n: local_tokens.get(n, 0) for n in data.schedule.names})
         for n, v in step_tokens.items():
             state.tokens_per_source[n] += v
         loss = global_mean_loss(losses)
