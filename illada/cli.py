@@ -30,6 +30,7 @@ def _add_stage_args(p: argparse.ArgumentParser) -> None:
     which.add_argument("--stage", help="re-run only this stage (its inputs must be complete)")
     which.add_argument("--from", dest="start", help="re-run this stage and every stage after it")
     p.add_argument("--force", action="store_true", help="re-run every stage, even those up to date")
+    p.add_argument("--verify", action="store_true", help="check the sha256 of every output of the stages it would skip (sizes are always checked); rebuild what differs")
 
 
 def _add_submit_args(p: argparse.ArgumentParser) -> None:
@@ -93,7 +94,7 @@ def cmd_submit_pipeline(args: argparse.Namespace) -> int:
 
     config = _config(args)
     env = _env_vars(args.env)
-    return _submitted(args, submit_pipeline(config, _address(args), stage=args.stage, start=args.start, force=args.force, submission_id=args.job_id, env=env))
+    return _submitted(args, submit_pipeline(config, _address(args), stage=args.stage, start=args.start, force=args.force, verify=args.verify, submission_id=args.job_id, env=env))
 
 
 def cmd_submit_train(args: argparse.Namespace) -> int:
@@ -210,7 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
     run = pipeline.add_parser("run", help="run the pipeline; up-to-date stages are skipped, interrupted ones resume")
     _add_config_args(run)
     _add_stage_args(run)
-    run.add_argument("--verify", action="store_true", help="check the sha256 of every output of the stages it would skip (sizes are always checked); rebuild what differs")
     run.set_defaults(func=cmd_pipeline_run)
     status = pipeline.add_parser("status", help="show each stage's state: complete, stale, partial or missing")
     _add_config_args(status)

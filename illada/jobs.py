@@ -134,8 +134,8 @@ def _code_version_env() -> dict[str, str]:
     return {"ILLADA_GIT_COMMIT": version[GIT_COMMIT], "ILLADA_GIT_DIRTY": version[GIT_DIRTY]}
 
 
-def submit_pipeline(config: Config, address: str, *, stage=None, start=None, force=False, submission_id=None, env=None) -> str:
-    flags = (["--stage", stage] if stage else []) + (["--from", start] if start else []) + (["--force"] if force else [])
+def submit_pipeline(config: Config, address: str, *, stage=None, start=None, force=False, verify=False, submission_id=None, env=None) -> str:
+    flags = (["--stage", stage] if stage else []) + (["--from", start] if start else []) + (["--force"] if force else []) + (["--verify"] if verify else [])
     return submit(config, address, "pipeline", "pipelines.pretrain_data", flags, submission_id=submission_id, env=env)
 
 
