@@ -22,7 +22,7 @@ from illada.errors import UserError
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT_S = 120  # a node sets up the job's runtime env (the working dir) on its first task
+PROBE_TIMEOUT_S = 300  # a node sets up the job's runtime env (the working dir) on its first task; slow when loaded
 
 
 class LaunchError(UserError, ValueError):
