@@ -106,6 +106,14 @@ class FuzzyDedupConfig(Strict):
     hashes_per_bucket: int = Field(8, gt=0)
     num_partitions: int = Field(16, gt=0, description="Partitions of the duplicate graph for connected components.")
     seed: int = 1
+    jaccard_threshold: float = Field(
+        0.7, ge=0, le=1, description="An LSH candidate pair is a near-duplicate only if the Jaccard of its shingles reaches this; 0: every candidate is."
+    )
+    chain_stopping: bool = Field(
+        True,
+        description="Remove a document only if it is within jaccard_threshold of its cluster's kept document (the rest are "
+        "re-clustered); false: remove every member of a connected component but the earliest.",
+    )
 
 
 class DedupConfig(Strict):
