@@ -24,10 +24,11 @@ from pathlib import Path
 
 import ray
 
-from illada.config import load_config
+from illada.config import RayConfig, load_config
 from illada.data.documents import read_table
-from illada.pipeline.runner import run_pipeline
 from illada import storage
+from illada.pipeline.runner import run_pipeline
+from illada.ray_runtime import ensure_ray
 from pipelines.pretrain_data import STAGES
 from tests.data.near_duplicate_corpus import build, quality, similar_pairs
 from tests.helpers import write_jsonl
@@ -68,6 +69,7 @@ def main() -> None:
     args = parser.parse_args()
 
     docs = build(random.Random(args.seed), families=60 * args.scale, templates=2 * args.scale, pages_per_template=40, chains=30 * args.scale, unrelated=60 * args.scale)
+    ensure_ray(RayConfig(num_cpus=args.cpus))  # started before any mode is timed
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for f in range(4):
