@@ -90,8 +90,8 @@ def test_size_bins():
 
 
 def run_fuzzy(tmp_path, docs: list[dict], name: str, overrides: list[str] = ()) -> tuple[dict, dict[str, str], set[str]]:
-    """Run ingest..dedup_fuzzy on `docs` (three files); return the fuzzy manifest, the
-    documents it was given and the ids it kept."""
+    """Run ingest..dedup_fuzzy on `docs` (three files); return the fuzzy manifest (with the
+    config as "config"), the documents it was given and the ids it kept."""
     raw = tmp_path / name / "raw"
     for f in range(3):
         write_jsonl(raw / f"{f}.jsonl", docs[f::3])
@@ -100,7 +100,18 @@ def run_fuzzy(tmp_path, docs: list[dict], name: str, overrides: list[str] = ()) 
     manifests = run_pipeline(config, UPTO_FUZZY)
     texts = {d["id"]: d["text"] for d in docs}
     inputs = {i: texts[i] for i in output_ids(config.root, manifests["dedup_exact"])}
-    return manifests["dedup_fuzzy"], inputs, set(output_ids(config.root, manifests["dedup_fuzzy"]))
+    return manifests["dedup_fuzzy"] | {"config": config}, inputs, set(output_ids(config.root, manifests["dedup_fuzzy"]))
+
+
+def stage_metrics(config, stage: str) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    from illada.tracking import experiment_name, tracking_uri
+
+    client = MlflowClient(tracking_uri(config))
+    experiment = client.get_experiment_by_name(experiment_name(config)).experiment_id
+    [run] = client.search_runs([experiment], f"tags.`illada.stage` = '{stage}'")
+    return run.data.metrics
 
 
 def test_planted_chains_keep_their_far_end(tmp_path, ray_local):
@@ -118,6 +129,9 @@ def test_planted_chains_keep_their_far_end(tmp_path, ray_local):
     assert kept == {f"chain{c}-{k}" for c in range(5) for k in (0, 2)}
     assert stopped["stats"]["kept_by_chain_stopping"] == 5
     assert stopped["stats"]["cluster_sizes"] == {"2": 5} and stopped["stats"]["component_sizes"] == {"3-4": 5}
+    metrics = stage_metrics(stopped["config"], "dedup_fuzzy")
+    assert metrics["near_duplicates"] == 5 and metrics["cluster_sizes.2"] == 5
+    assert metrics["candidate_pairs"] == stopped["stats"]["candidate_pairs"] >= metrics["verified_pairs"] == stopped["stats"]["verified_pairs"] >= 10
 
     chained, _, kept = run_fuzzy(tmp_path, docs, "components", [*bands, "data.dedup.fuzzy.chain_stopping=false"])
     assert kept == {f"chain{c}-0" for c in range(5)}
