@@ -1,4 +1,4 @@
-"""The SFT data pipeline: ingest (chat) -> dedup (exact, fuzzy) -> tokenizer -> chat -> pack.
+"""The SFT data pipeline: ingest (chat) -> dedup (exact, fuzzy) -> decontaminate -> tokenizer -> chat -> pack.
 
 Conversations are ingested and checked (malformed ones quarantined with their reason),
 deduplicated, put through the chat template with the pre-training tokenizer
@@ -13,6 +13,7 @@ import sys
 
 from illada.data import (
     chat_tokenize,
+    decontaminate,
     dedup_exact,
     dedup_fuzzy,
     ingest,
@@ -21,7 +22,7 @@ from illada.data import (
 )
 from illada.pipeline.stage import Stage
 
-STAGES: list[Stage] = [ingest.STAGE, dedup_exact.STAGE, dedup_fuzzy.STAGE, tokenizer.STAGE, chat_tokenize.STAGE, sft_pack.STAGE]
+STAGES: list[Stage] = [ingest.STAGE, dedup_exact.STAGE, dedup_fuzzy.STAGE, decontaminate.STAGE, tokenizer.STAGE, chat_tokenize.STAGE, sft_pack.STAGE]
 
 if __name__ == "__main__":
     from illada.cli import main
