@@ -52,12 +52,15 @@ def words(text: str) -> list[str]:
     return WORD.findall(text.lower())
 
 
-def gram_hashes(word_list: list[str], n: int) -> np.ndarray:
+def word_hashes(word_list: list[str]) -> np.ndarray:
+    return np.fromiter((xxhash.xxh64_intdigest(w.encode()) for w in word_list), dtype=np.uint64, count=len(word_list))
+
+
+def gram_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:
     """The 64-bit hash of every run of n consecutive words (empty if there are fewer)."""
-    m = len(word_list) - n + 1
+    m = len(word_hashes) - n + 1
     if m <= 0:
         return np.empty(0, dtype=np.uint64)
-    word_hashes = np.fromiter((xxhash.xxh64_intdigest(w.encode()) for w in word_list), dtype=np.uint64, count=len(word_list))
     acc = np.zeros(m, dtype=np.uint64)
     for j in range(n):  # uint64 arithmetic wraps: a polynomial hash modulo 2^64
         acc = acc * MULTIPLIER + word_hashes[j : j + m]
@@ -117,7 +120,7 @@ def build_index(cfg: DecontaminateConfig, benchmarks: list[dict]) -> tuple[pa.Ta
                     short += 1
                     continue
                 n = min(cfg.ngram, len(w))
-                g = gram_hashes(w, n)
+                g = gram_hashes(word_hashes(w), n)
                 lengths.append(np.full(g.size, n, dtype=np.int32))
                 hashes.append(g)
                 owners.append(np.full(g.size, b, dtype=np.int32))
@@ -148,15 +151,17 @@ class Matcher:
         if not self.by_length:
             return [], None
         w = words(text)
+        hashed = word_hashes(w)
         found: set[int] = set()
         first: tuple[int, int] | None = None  # (position, length)
-        for n, (hashes, owners) in self.by_length.items():
-            grams = gram_hashes(w, n)
-            hit = np.flatnonzero(np.isin(grams, hashes))
+        for n, (hashes, owners) in self.by_length.items():  # hashes sorted: a binary search per n-gram
+            grams = gram_hashes(hashed, n)
+            lo = np.searchsorted(hashes, grams, "left")
+            hit = np.flatnonzero(hashes[np.minimum(lo, len(hashes) - 1)] == grams)
             if hit.size == 0:
                 continue
-            lo, hi = np.searchsorted(hashes, grams[hit], "left"), np.searchsorted(hashes, grams[hit], "right")
-            for a, b in zip(lo, hi):
+            hi = np.searchsorted(hashes, grams[hit], "right")
+            for a, b in zip(lo[hit], hi):
                 found.update(owners[a:b].tolist())
             if first is None or hit[0] < first[0]:
                 first = (int(hit[0]), n)

@@ -188,6 +188,8 @@ def shingles_task(spec: dict) -> dict:
 
 def read_shingles(urls: list[str], schema: pa.Schema = SHINGLE_SCHEMA) -> dict[int, np.ndarray]:
     table = read_partition(urls, schema)
+    if table.num_rows == 0:
+        return {}
     lists = table.column("shingles").combine_chunks()
     flat, offsets = lists.flatten().to_numpy(), lists.offsets.to_numpy() - lists.offsets[0].as_py()
     return {int(n): flat[offsets[i] : offsets[i + 1]] for i, n in enumerate(table.column("node").to_numpy())}
