@@ -110,7 +110,8 @@ def stage_metrics(config, stage: str) -> dict[str, float]:
 
     client = MlflowClient(tracking_uri(config))
     experiment = client.get_experiment_by_name(experiment_name(config)).experiment_id
-    [run] = client.search_runs([experiment], f"tags.`illada.stage` = '{stage}'")
+    # The store may be shared by the session's tests: the latest run of the stage is this one.
+    [run] = client.search_runs([experiment], f"tags.`illada.stage` = '{stage}'", order_by=["attributes.start_time DESC"], max_results=1)
     return run.data.metrics
 
 
