@@ -42,7 +42,6 @@ WORD = re.compile(r"\w+")
 MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial hash of a word sequence
 INDEX_SCHEMA = pa.schema([("length", pa.int32()), ("hash", pa.uint64()), ("benchmark", pa.int32())])
 CONTAMINATED_SCHEMA = pa.schema([*DOCUMENT_SCHEMA, pa.field("benchmarks", pa.list_(pa.string())), pa.field("reason", pa.string())])
-REASON_WORDS = 40  # of the matching n-gram, in the reason
 
 
 # --- n-grams ------------------------------------------------------------------------------
@@ -146,10 +145,9 @@ class Matcher:
             rows = index.filter(pa.array(length == n))
             self.by_length[int(n)] = (rows.column("hash").to_numpy(), rows.column("benchmark").to_numpy())
 
-    def match(self, text: str) -> tuple[list[str], str | None]:
-        """The benchmarks matched (in index order) and the first matching n-gram's words."""
-        if not self.by_length:
-            return [], None
+    def match(self, text: str) -> tuple[list[str], list[str], int]:
+        """The benchmarks matched (in index order), the first matching n-gram and the text's
+        number of words."""
         w = words(text)
         hashed = word_hashes(w)
         found: set[int] = set()
@@ -166,9 +164,9 @@ class Matcher:
             if first is None or hit[0] < first[0]:
                 first = (int(hit[0]), n)
         if not found:
-            return [], None
+            return [], [], len(w)
         pos, n = first
-        return [self.names[b] for b in sorted(found)], " ".join(w[pos : pos + min(n, REASON_WORDS)])
+        return [self.names[b] for b in sorted(found)], w[pos : pos + n], len(w)
 
 
 def match_task(spec: dict) -> dict:
@@ -181,15 +179,14 @@ def match_task(spec: dict) -> dict:
         for batch in iter_batches(spec["docs_url"]):
             for row in batch.to_pylist():
                 documents_in += 1
-                benchmarks, ngram = matcher.match(row["text"])
+                benchmarks, ngram, n_words = matcher.match(row["text"])
                 if not benchmarks:
                     out.write(**row)
                     continue
-                n_words = len(words(row["text"]))
                 for name in benchmarks:
                     counts[name]["documents"] += 1
                     counts[name]["words"] += n_words
-                reason = f"shares a {len(ngram.split())}-word n-gram with {', '.join(benchmarks)}: \"{ngram}\""
+                reason = f"shares a {len(ngram)}-word n-gram with {', '.join(benchmarks)}: \"{' '.join(ngram)}\""
                 side.write(**row, benchmarks=benchmarks, reason=reason)
                 if flag:
                     metadata = json.loads(row["metadata"] or "{}") | {"contamination": benchmarks}
