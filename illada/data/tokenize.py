@@ -66,7 +66,7 @@ class TokenizeFiles:
 
 def run_tokenize(ctx: StageContext) -> dict:
     cfg = ctx.config.data.tokenize
-    docs = ctx.input_files("dedup_fuzzy", "documents")
+    docs = ctx.input_files("decontaminate", "documents")
     specs = {
         f"{i:06d}": {"src": ctx.absolute(f["path"]), "dst": ctx.path("tokens", f["source"], f"{i:06d}.parquet"), "source": f["source"]}
         for i, f in enumerate(docs)
@@ -101,7 +101,7 @@ def run_tokenize(ctx: StageContext) -> dict:
 
 STAGE = Stage(
     name="tokenize",
-    inputs=("dedup_fuzzy", "tokenizer"),
+    inputs=("decontaminate", "tokenizer"),
     run=run_tokenize,
     identity=lambda config: {"batch_size": config.data.tokenize.batch_size},
     description="Encode documents to token ids with batch encoding on a Ray Data actor pool.",

@@ -81,7 +81,7 @@ def run_tokenizer(ctx: StageContext) -> dict:
     mix = ctx.config.data.mix()
     spec = {
         "path": cfg.path,
-        "files": ctx.input_files("dedup_fuzzy", "documents"),
+        "files": ctx.input_files("decontaminate", "documents"),
         "root": ctx.root,
         "quota": {name: max(1, round(share * cfg.train_sample_docs)) for name, share in mix.items()},
         "vocab_size": cfg.vocab_size,
@@ -100,7 +100,7 @@ def tokenizer_url(manifest: dict, root: str) -> str:
 
 STAGE = Stage(
     name="tokenizer",
-    inputs=("dedup_fuzzy",),
+    inputs=("decontaminate",),
     run=run_tokenizer,
     identity=lambda config: {
         "tokenizer": config.data.tokenizer.model_dump(mode="json"),

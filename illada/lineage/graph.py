@@ -1,7 +1,7 @@
 """The lineage graph: from a checkpoint or an MLflow run back to the raw data.
 
     checkpoint <- parent checkpoints <- training run <- shards <- pack <- tokenize
-        <- tokenizer, dedup_fuzzy <- dedup_exact <- ingest <- raw sources
+        <- tokenizer, decontaminate <- dedup_fuzzy <- dedup_exact <- ingest <- raw sources
 
 Each link is looked up in MLflow first: a checkpoint's LoggedModel (by its path), the run
 that made it, the datasets that run read, and for each dataset the stage run whose output
@@ -45,8 +45,11 @@ from illada.layout import CHECKPOINT_MARKER, checkpoint_info, is_complete_checkp
 from illada.tracking import tracking_uri_near
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-STAGE_ORDER = ("ingest", "dedup_exact", "dedup_fuzzy", "tokenizer", "tokenize", "pack")
-SUMMARY = ("documents", "quarantined", "documents_in", "duplicates", "near_duplicates", "documents_out", "disabled", "vocab_size", "tokens", "sequences", "seq_len")
+STAGE_ORDER = ("ingest", "dedup_exact", "dedup_fuzzy", "decontaminate", "tokenizer", "tokenize", "pack")
+SUMMARY = (
+    "documents", "quarantined", "documents_in", "duplicates", "near_duplicates", "contaminated",
+    "documents_out", "disabled", "vocab_size", "tokens", "sequences", "seq_len",
+)  # fmt: skip
 
 
 class LineageError(UserError):
@@ -185,7 +188,11 @@ def read_json_if_exists(url: str) -> dict | None:
 
 
 def summary(stats: dict) -> dict:
-    return {k: stats[k] for k in SUMMARY if k in stats}
+    out = {k: stats[k] for k in SUMMARY if k in stats}
+    if "benchmarks" in stats:  # decontaminate: what each evaluation set took out
+        verb = "flagged" if stats.get("action") == "flag" else "removed"
+        out[f"{verb} per benchmark"] = {name: f"{b['documents']} docs / {b['words']} words" for name, b in stats["benchmarks"].items()}
+    return out
 
 
 class Builder:

@@ -58,7 +58,7 @@ def test_forced_rerun_reproduces_every_digest(tmp_path, corpus, ray_local):
 
 def test_stage_needs_complete_inputs(tmp_path, corpus, ray_local):
     config = make_config(tmp_path / "run", corpus)
-    with pytest.raises(PipelineError, match="needs dedup_fuzzy, tokenizer to be complete first"):
+    with pytest.raises(PipelineError, match="needs decontaminate, tokenizer to be complete first"):
         run_pipeline(config, STAGES, only="tokenize")
     with pytest.raises(PipelineError, match="unknown stage 'tokenise'"):
         run_pipeline(config, STAGES, only="tokenise")

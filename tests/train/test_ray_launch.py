@@ -203,8 +203,10 @@ def wait_until(condition, what: str, address: str, job_id: str) -> None:
     polls = 0
     while not condition():
         polls += 1
-        if polls % 100 == 0 and job_status(address, job_id) not in ("PENDING", "RUNNING"):
-            pytest.fail(f"job {job_id} ended before {what}")
+        if polls % 100 == 0 and (status := job_status(address, job_id)) not in ("PENDING", "RUNNING"):
+            from illada.jobs import client
+
+            pytest.fail(f"job {job_id} ended ({status}) before {what}; its log ends:\n{client(address).get_job_logs(job_id)[-6000:]}")
         time.sleep(0.01)
 
 
