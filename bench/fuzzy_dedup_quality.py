@@ -29,7 +29,7 @@ from illada.data.documents import read_table
 from illada import storage
 from illada.pipeline.runner import run_pipeline
 from illada.ray_runtime import ensure_ray
-from pipelines.pretrain_data import STAGES
+from illada.data.stages import PRETRAIN as STAGES
 from tests.data.near_duplicate_corpus import build, quality, similar_pairs
 from tests.helpers import write_jsonl
 

@@ -12,7 +12,7 @@ from illada.config import ConfigError
 from illada.data.documents import read_table
 from illada.data.decontaminate import PROJECT_TASKS
 from illada.pipeline.runner import run_pipeline
-from pipelines.pretrain_data import STAGES
+from illada.data.stages import PRETRAIN as STAGES
 from tests.helpers import make_config, write_jsonl
 
 UPTO_DECONTAMINATE = STAGES[: [s.name for s in STAGES].index("decontaminate") + 1]

@@ -11,7 +11,7 @@ import pytest
 
 from illada.data.near_duplicates import size_bin, stop_chains
 from illada.pipeline.runner import run_pipeline
-from pipelines.pretrain_data import STAGES
+from illada.data.stages import PRETRAIN as STAGES
 from tests.data.near_duplicate_corpus import build, jaccard, planted_chain, quality, shingles
 from tests.data.test_dedup_fuzzy import output_ids
 from tests.helpers import make_config, write_jsonl
