@@ -5,7 +5,10 @@ Megatron's dist_checkpointing reads pickles: torch.distributed.checkpoint's `.me
 crafted pickle runs code when it is read, and a damaged file loads silently or fails deep
 inside megatron. So before loading, every file is compared with what illada.json recorded
 when the checkpoint was saved: its size always, its sha256 when asked (the default), and
-no file may be there that illada.json does not list.
+no file may be there that illada.json does not list. Then `.metadata` is read with an
+unpickler that resolves only the classes torch.distributed.checkpoint writes there (Python's
+"restricting globals"), so a crafted one is refused even beside a matching illada.json;
+`common.pt` is checked with torch's own weights_only list (get_unsafe_globals_in_checkpoint).
 
 This detects damage and tampering with the files alone. A checkpoint from someone else
 comes with its own illada.json: load it only if you trust where it came from, or compare
@@ -18,11 +21,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 from illada import storage
 from illada.config import ConfigError
 
 MARKER = "illada.json"  # as illada.train.checkpoint writes it, last
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's, a plain pickle
+COMMON = "common.pt"  # megatron's non-sharded state, torch.save'd
+DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem", "torch.distributed.checkpoint.planner")
+SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
 
 
 class DamagedCheckpoint(ConfigError):
@@ -66,4 +74,43 @@ def check_files(path: str, *, sha256: bool = True) -> dict:
             digest = storage.sha256_file(os.path.join(path, name))
             if digest != meta["sha256"]:
                 raise DamagedCheckpoint(path, name, f"has sha256 {digest[:16]}, illada.json recorded {meta['sha256'][:16]}")
+    check_pickles(path)
     return info
+
+
+def check_pickles(path: str) -> None:
+    """Refuse pickles that would run more than torch's checkpoint classes when loaded."""
+    metadata = os.path.join(path, DCP_METADATA)
+    if os.path.isfile(metadata):
+        try:
+            with open(metadata, "rb") as f:
+                _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
+            raise DamagedCheckpoint(path, DCP_METADATA, f"is not plain checkpoint metadata ({e}); refusing to load it") from None
+    common = os.path.join(path, COMMON)
+    if os.path.isfile(common):
+        import torch
+
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(common)
+        except Exception as e:  # noqa: BLE001  (not a torch.save file at all)
+            raise DamagedCheckpoint(path, COMMON, f"cannot be read as a torch checkpoint ({e})") from None
+        if unsafe:
+            raise DamagedCheckpoint(path, COMMON, f"refers to {', '.join(unsafe)}, which weights_only loading refuses")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the globals torch.distributed.checkpoint's metadata is made of; the
+    check happens before any module is imported or anything called."""
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        allowed = (module, name) in SAFE_GLOBALS or module in DCP_MODULES
+        allowed |= module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if not allowed:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+        found = super().find_class(module, name)
+        if module in DCP_MODULES and not isinstance(found, type):
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which is not a class")
+        return found

@@ -125,6 +125,22 @@ def test_generate_never_unpickles_a_crafted_metadata_file(run_root, train_data_r
     assert "Traceback" not in log.read_text()
 
 
+def test_a_crafted_pickle_is_refused_even_beside_a_matching_illada_json(trained, tmp_path):
+    """Whoever can write the files can rewrite illada.json too: the metadata pickle is read
+    with an unpickler that resolves only torch's checkpoint classes."""
+    copy = tmp_path / "step"
+    shutil.copytree(steps(trained) / "step_00000002", copy)
+    proof = tmp_path / "code-ran"
+    crafted = pickle.dumps(_Payload(str(proof)))
+    (copy / ".metadata").write_bytes(crafted)
+    info = json.loads((copy / "illada.json").read_text())
+    info["files"][".metadata"] = {"size": len(crafted), "sha256": hashlib.sha256(crafted).hexdigest()}
+    (copy / "illada.json").write_text(json.dumps(info))
+    with pytest.raises(DamagedCheckpoint, match=r"\.metadata is not plain checkpoint metadata \(it refers to posix\.mkdir\)"):
+        check_files(str(copy))
+    assert not proof.exists()
+
+
 # --- the MLflow run of a training that does not finish -----------------------------------------
 
 
