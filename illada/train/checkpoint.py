@@ -130,24 +130,31 @@ class Checkpointer:
             log.info("resumed from %s at step %d", latest, state.step)
         elif self.config.train.init_from:
             self.parent = resolve(self.config.train.init_from)
-            load_model_weights(model, self.parent, verify=self.verify)
+            self._on_rank0(lambda: check_files(self.parent, sha256=self.verify))
+            load_model_weights(model, self.parent, verify=False)  # every rank: sizes and pickles again, cheap
             log.info("initialised weights from %s", self.parent)
         return self.parent
 
-    def _latest_intact(self) -> str | None:
-        """The newest complete checkpoint whose files match its illada.json. Rank 0 checks
-        (the files are on a filesystem every rank reads) and moves damaged ones aside, so
-        that keep_last never prunes a good checkpoint in favour of a damaged one; every
-        rank gets its answer."""
+    def _on_rank0(self, fn):
+        """fn() on rank 0 only (the files are on a filesystem every rank reads: one hash is
+        enough); every rank returns its result, or raises the ConfigError it raised."""
         answer: list = [None]
         if self.rank0:
-            answer[0] = self._check_newest_first()
+            try:
+                answer[0] = fn()
+            except ConfigError as e:
+                answer[0] = e
         dist.broadcast_object_list(answer, src=0)
-        if isinstance(answer[0], Exception):
+        if isinstance(answer[0], ConfigError):
             raise answer[0]
         return answer[0]
 
-    def _check_newest_first(self) -> str | ConfigError | None:
+    def _latest_intact(self) -> str | None:
+        """The newest complete checkpoint whose files match its illada.json. Damaged ones
+        are moved aside, so that keep_last never prunes a good checkpoint in favour of one."""
+        return self._on_rank0(self._check_newest_first)
+
+    def _check_newest_first(self) -> str | None:
         found = complete_checkpoints(self.root)
         for path in reversed(found):
             try:
@@ -159,7 +166,7 @@ class Checkpointer:
                 os.rename(path, aside)
                 log.warning("%s; moved it aside to %s and resuming from the previous complete checkpoint", e, aside)
         if found:
-            return ConfigError(f"no intact checkpoint under {self.root}: every one was damaged and moved aside (*.damaged); fix or remove them to start over")
+            raise ConfigError(f"no intact checkpoint under {self.root}: every one was damaged and moved aside (*.damaged); fix or remove them to start over")
         return None
 
     def _load_full(self, path: str, model, optimizer, scheduler, data, state) -> None:
