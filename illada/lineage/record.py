@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from illada.config import Config
+from illada.redaction import MIN_SECRET_CHARS, SECRET_ENV
 
 # Tags and dataset contexts: the vocabulary the graph builder reads back.
 KIND = "illada.kind"  # pipeline | stage | train | checkpoint
@@ -38,8 +39,6 @@ SHARDS_PREFIX = "shards/"
 MODEL_TYPE = "illada-checkpoint"
 
 DIGEST_CHARS = 32  # MLflow keeps at most 36 characters of a dataset digest
-SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
-MIN_SECRET_CHARS = 8  # shorter values are masked nowhere: they would mangle ordinary text
 
 REPO = Path(__file__).resolve().parents[2]
 
