@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet = int(os.environ.get("RANK", 0)) > 0  # one log per job, from global rank 0
     level = logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from illada import redaction
+
+    redaction.install()  # no credential in any log line, botocore's DEBUG headers included
     if not args.verbose:
         logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
     try:

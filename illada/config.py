@@ -274,6 +274,9 @@ class CheckpointConfig(Strict):
     dir: str | None = Field(None, description="Default: <root>/checkpoints.")
     interval: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0)
+    verify: bool = Field(
+        True, description="Check every file's sha256 against illada.json before loading (resume, init_from); sizes are checked either way."
+    )
 
 
 class ClusterConfig(Strict):

@@ -77,10 +77,11 @@ def run_tokenize(ctx: StageContext) -> dict:
         workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         dataset = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
             TokenizeFiles,
-            fn_constructor_args=(tokenizer_url(ctx.inputs["tokenizer"], ctx.root), ctx.config.storage, cfg.batch_size),
+            fn_constructor_args=(tokenizer_url(ctx.inputs["tokenizer"], ctx.root), storage.without_credentials(ctx.config.storage), cfg.batch_size),
             batch_size=1,
             compute=ActorPoolStrategy(min_size=1, max_size=min(workers, len(pending))),
             num_cpus=1,
+            **storage.worker_env(ctx.config.storage),
         )
         with tqdm(total=len(specs), initial=len(specs) - len(pending), desc="tokenize/encode", unit="file") as bar:
             for row in dataset.iter_rows():

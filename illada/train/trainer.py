@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -217,46 +220,86 @@ def train_loop(config: Config, on_step=None) -> TrainState:
     forward_backward = get_forward_backward_func()
     last_step = min(train.steps, state.step + (train.exit_after_steps or train.steps))
     bar = progress(last_step, f"train {config.name}", unit="step", initial=state.step, disable=dist.get_rank() != 0)
-    while state.step < last_step:
-        start = time.perf_counter()
-        if train.objective == "sft":
-            before = dict(data.tokens_seen)
-            batches = sft_micro_batches(data.next_batch(train.global_batch_size), train, state.step, manifest["stats"]["special_ids"], _device())
-            local_tokens = {n: data.tokens_seen[n] - before[n] for n in before}
-        else:
-            batches, local_tokens = micro_batches(data.next_sequences(train.global_batch_size), train, state.step, mask_id, _device())
-        optimizer.zero_grad()
-        model.zero_grad_buffer()
-        losses = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=iter(batches),
-            model=[model],
-            num_microbatches=len(batches),
-            seq_length=max(b.clean.shape[1] for b in batches),
-            micro_batch_size=train.micro_batch_size,
-            forward_only=False,
-        )
-        _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
-        state.step += 1
-        step_tokens = sum_over_data_parallel({n: local_tokens.get(n, 0) for n in data.schedule.names})
-        for n, v in step_tokens.items():
-            state.tokens_per_source[n] += v
-        loss = global_mean_loss(losses)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
-        seconds = time.perf_counter() - start
-        metrics.log_step(state.step, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, train.global_batch_size * seq_len, seconds, state.tokens_per_source)
-        bar.set_postfix_str(f"loss {loss:.4f}, {train.global_batch_size * seq_len / seconds:,.0f} tokens/s", refresh=False)
-        bar.update(1)
-        if on_step:
-            on_step(state.step, loss)
-        if state.step % train.checkpoint.interval == 0 or state.step == last_step:
-            path = checkpointer.save(model, optimizer, scheduler, data, state)
-            metrics.log_checkpoint(path)
-    bar.close()
-    metrics.close()
+    with recorded(metrics), bar:  # the MLflow run ends FINISHED, FAILED or KILLED, never left RUNNING
+        while state.step < last_step:
+            start = time.perf_counter()
+            if train.objective == "sft":
+                before = dict(data.tokens_seen)
+                batches = sft_micro_batches(data.next_batch(train.global_batch_size), train, state.step, manifest["stats"]["special_ids"], _device())
+                local_tokens = {n: data.tokens_seen[n] - before[n] for n in before}
+            else:
+                batches, local_tokens = micro_batches(data.next_sequences(train.global_batch_size), train, state.step, mask_id, _device())
+            optimizer.zero_grad()
+            model.zero_grad_buffer()
+            losses = forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=iter(batches),
+                model=[model],
+                num_microbatches=len(batches),
+                seq_length=max(b.clean.shape[1] for b in batches),
+                micro_batch_size=train.micro_batch_size,
+                forward_only=False,
+            )
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            state.step += 1
+            step_tokens = sum_over_data_parallel({n: local_tokens.get(n, 0) for n in data.schedule.names})
+            for n, v in step_tokens.items():
+                state.tokens_per_source[n] += v
+            loss = global_mean_loss(losses)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
+            seconds = time.perf_counter() - start
+            metrics.log_step(state.step, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, train.global_batch_size * seq_len, seconds, state.tokens_per_source)
+            bar.set_postfix_str(f"loss {loss:.4f}, {train.global_batch_size * seq_len / seconds:,.0f} tokens/s", refresh=False)
+            bar.update(1)
+            if on_step:
+                on_step(state.step, loss)
+            if state.step % train.checkpoint.interval == 0 or state.step == last_step:
+                path = checkpointer.save(model, optimizer, scheduler, data, state)
+                metrics.log_checkpoint(path)
     return state
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (torchrun stopping its workers, a scheduler's time limit)."""
+
+
+@contextmanager
+def sigterm_as_exception():
+    """Turn SIGTERM into an exception while training, so the run is closed as KILLED
+    instead of the process vanishing with its MLflow run still RUNNING. (Only the main
+    thread can take signals; elsewhere this does nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def recorded(metrics: MetricsLogger):
+    """Training under an MLflow run that ends with the training's outcome: FINISHED, FAILED
+    (an error, a NaN loss) or KILLED (SIGTERM, Ctrl-C)."""
+    try:
+        with sigterm_as_exception():
+            yield
+    except BaseException as e:
+        metrics.close(status=run_status(e))
+        raise
+    metrics.close()
+
+
+def run_status(error: BaseException) -> str:
+    """The MLflow status of a run that ended with `error`: stopped from outside, or failed."""
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, Terminated)) else "FAILED"
 
 
 def check_data_fits_model(manifest: dict, model: ModelConfig) -> None:
