@@ -284,8 +284,11 @@ def test_a_dead_worker_and_a_hung_one_restart_the_group_and_the_loss_curve_is_un
 
     # 1. After the first checkpoint (step 2), while the group saves step 4, a worker process
     # on the second node dies: the group restarts from step 2 and runs steps 3 and 4 again.
-    wait_until(lambda: (checkpoints / "step_00000004").is_dir(), "the step-4 save", cluster.address, job)
+    # The workers are found before the save begins, so they freeze the moment it does.
+    wait_until(lambda: (checkpoints / "step_00000002" / MARKER).exists(), "the step-2 checkpoint", cluster.address, job)
     first = ray_workers(head) + ray_workers(node)
+    assert len(first) == 2, first
+    wait_until(lambda: (checkpoints / "step_00000004").is_dir(), "the step-4 save", cluster.address, job)
     freeze(first)
     assert (checkpoints / "step_00000002" / MARKER).exists()
     assert not (checkpoints / "step_00000004" / MARKER).exists(), "the step-4 save completed before the workers could be stopped"
@@ -295,10 +298,16 @@ def test_a_dead_worker_and_a_hung_one_restart_the_group_and_the_loss_curve_is_un
     thaw([p for p in first if p != victim])
 
     # 2. The restarted group checkpoints step 4; then one of its workers stops (hangs) and its
-    # peer waits in a collective until train.collective_timeout_s.
+    # peer waits in a collective until train.collective_timeout_s. Again the workers are
+    # found first (once both are up), so they freeze the moment the checkpoint completes.
+    second: list[int] = []
+
+    def restarted_group_is_up() -> bool:
+        second[:] = [p for p in ray_workers(head) + ray_workers(node) if p not in first]
+        return len(second) == 2
+
+    wait_until(restarted_group_is_up, "the 2 workers of a restarted group", cluster.address, job)
     wait_until(lambda: complete_since(checkpoints, 4, killed_at), "a checkpoint of the restarted group", cluster.address, job)
-    second = [p for p in ray_workers(head) + ray_workers(node) if p not in first]
-    assert len(second) == 2, f"expected the 2 workers of a new group, found {second} (first group: {first})"
     freeze(second)
     hung = second[0]
     thaw(second[1:])
