@@ -16,7 +16,7 @@ import pytest
 from illada.cli import main
 from illada.config import load_config
 from illada.pipeline.runner import run_pipeline
-from pipelines.pretrain_data import STAGES
+from illada.data.stages import PRETRAIN as STAGES
 from tests.conftest import TinyConfigFactory
 from tests.lineage.conftest import train
 
