@@ -1,0 +1,313 @@
+"""Hugging Face interop against LLaDA's architecture written out here in plain PyTorch (not the
+project's model code): a tiny LLaDA-format directory (random weights; MHA with an untied head,
+and GQA with a tied one) is imported at TP=1 and at TP=2/PP=2, its logits and generations
+compared with the plain forward's, exported back bit for bit, and bad directories refused with
+one line. Megatron runs in child processes (tests/distributed.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from tests.distributed import run_distributed
+from tests.sampling.reference import llada_generate
+
+P = "model.transformer."
+WORDS = 100
+EOT, EOT_ID, MASK = 100, 101, 102  # ids the tokenizer gives its special tokens, after the words
+VARIANTS = {
+    "mha-untied": {"n_heads": 4, "n_kv_heads": 4, "weight_tying": False},
+    "gqa-tied": {"n_heads": 4, "n_kv_heads": 2, "weight_tying": True},
+}
+
+
+# --- a tiny LLaDA directory ----------------------------------------------------------------
+
+
+def llada_config(variant: str, **changes) -> dict:
+    return {
+        "architectures": ["LLaDAModelLM"],
+        "model_type": "llada",
+        "activation_type": "silu",
+        "block_type": "llama",
+        "d_model": 64,
+        "n_layers": 2,
+        "mlp_hidden_size": 96,
+        "vocab_size": 128,
+        "embedding_size": 128,  # rows beyond the tokenizer's, as LLaDA pads its embedding
+        "max_sequence_length": 64,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "include_bias": False,
+        "rope": True,
+        "mask_token_id": MASK,
+        "eos_token_id": EOT,
+        "pad_token_id": EOT,
+        **VARIANTS[variant],
+        **changes,
+    }
+
+
+def random_weights(config: dict, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h, f, v = config["d_model"], config["mlp_hidden_size"], config["embedding_size"]
+    kv = config["n_kv_heads"] * h // config["n_heads"]
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.2).to(dtype)
+
+    def norm():  # not all ones, so a norm put in the wrong place shows
+        return (1 + 0.2 * torch.randn(h, generator=g)).to(dtype)
+
+    w = {P + "wte.weight": rand(v, h)}
+    for i in range(config["n_layers"]):
+        b = f"{P}blocks.{i}."
+        w |= {b + "attn_norm.weight": norm(), b + "q_proj.weight": rand(h, h), b + "k_proj.weight": rand(kv, h), b + "v_proj.weight": rand(kv, h)}
+        w |= {b + "attn_out.weight": rand(h, h), b + "ff_norm.weight": norm(), b + "ff_proj.weight": rand(f, h), b + "up_proj.weight": rand(f, h), b + "ff_out.weight": rand(h, f)}
+    w[P + "ln_f.weight"] = norm()
+    if not config["weight_tying"]:
+        w[P + "ff_out.weight"] = rand(v, h)
+    return w
+
+
+def tiny_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(WORDS)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<|endoftext|>", "<|eot_id|>", "<|mdm_mask|>"])
+    assert [tok.token_to_id(t) for t in ("<|endoftext|>", "<|eot_id|>", "<|mdm_mask|>")] == [EOT, EOT_ID, MASK]
+    return tok
+
+
+def write_llada(path: Path, config: dict, weights: dict[str, torch.Tensor], tokenizer: Tokenizer | None = None) -> Path:
+    """config.json, two safetensors shards with their index, tokenizer.json."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    first = {n: t for n, t in weights.items() if n.startswith((P + "wte", P + "blocks.0."))}
+    shards = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": {n: t for n, t in weights.items() if n not in first}}
+    for name, tensors in shards.items():
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {n: name for name, tensors in shards.items() for n in tensors}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tokenizer or tiny_tokenizer()).save(str(path / "tokenizer.json"))
+    return path
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for file in sorted(set(index.values())):
+        with safe_open(str(path / file), framework="pt") as f:
+            out |= {n: f.get_tensor(n) for n in f.keys()}
+    assert set(out) == set(index)
+    return out
+
+
+# --- LLaDA's forward, from its modeling code's description, in float64 ------------------------
+
+
+def llada_forward(w: dict[str, torch.Tensor], c: dict, tokens: torch.Tensor) -> torch.Tensor:
+    w = {n: t.double() for n, t in w.items()}
+    b, s = tokens.shape
+    heads, kv_heads = c["n_heads"], c["n_kv_heads"]
+    d = c["d_model"] // heads
+    inv_freq = 1.0 / c["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.outer(torch.arange(s, dtype=torch.float64), inv_freq)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c["rms_norm_eps"]) * weight
+
+    def rope(x):  # [b, heads, s, d]: rotate the two halves of each head
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    def heads_of(x, n):
+        return x.view(b, s, n, d).transpose(1, 2)
+
+    x = w[P + "wte.weight"][tokens]
+    for i in range(c["n_layers"]):
+        blk = lambda name: w[f"{P}blocks.{i}.{name}.weight"]  # noqa: E731
+        a = rms(x, blk("attn_norm"))
+        q, k, v = heads_of(a @ blk("q_proj").T, heads), heads_of(a @ blk("k_proj").T, kv_heads), heads_of(a @ blk("v_proj").T, kv_heads)
+        k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+        scores = rope(q) @ rope(k).transpose(-1, -2) / math.sqrt(d)  # no mask: bidirectional
+        x = x + (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1) @ blk("attn_out").T
+        m = rms(x, blk("ff_norm"))
+        x = x + (torch.nn.functional.silu(m @ blk("ff_proj").T) * (m @ blk("up_proj").T)) @ blk("ff_out").T
+    x = rms(x, w[P + "ln_f.weight"])
+    head = w[P + "wte.weight"] if c["weight_tying"] else w[P + "ff_out.weight"]
+    return x @ head.T
+
+
+# --- in child processes --------------------------------------------------------------------
+
+
+def _import(rank: int, src: str, out: str, tp: int, pp: int) -> str:
+    from illada.hf.importer import import_hf
+    from illada.parallel import destroy_parallel
+
+    out = import_hf(src, out, tp=tp, pp=pp)
+    destroy_parallel()
+    return out
+
+
+def _export(rank: int, checkpoint: str, out: str, dtype: str) -> str:
+    from illada.hf.exporter import export_hf
+    from illada.parallel import destroy_parallel
+
+    out = export_hf(checkpoint, out, dtype=dtype, max_shard_bytes=40_000)  # several shards
+    destroy_parallel()
+    return out
+
+
+def _logits_and_generation(rank: int, checkpoint: str, tokens: torch.Tensor, prompt: torch.Tensor):
+    from illada.inference import load_for_inference
+    from illada.parallel import destroy_parallel
+    from illada.sampling.sampler import SamplerConfig, generate
+
+    loaded = load_for_inference(checkpoint, bf16=False)
+    logits = loaded.model(tokens)
+    generated = generate(loaded.model, prompt, SamplerConfig(gen_length=8, steps=8, block_length=4), loaded.special)
+    destroy_parallel()
+    return logits, generated.tokens, loaded.special, loaded.decode([1, 2, EOT])
+
+
+def import_at(src: Path, out: Path, tp: int = 1, pp: int = 1) -> str:
+    [path, *_] = run_distributed(_import, tp * pp, str(src), str(out), tp, pp, timeout=300)
+    return path
+
+
+def export(checkpoint: str, out: Path, dtype: str = "fp32") -> Path:
+    run_distributed(_export, 1, checkpoint, str(out), dtype, timeout=300)
+    return out
+
+
+TOKENS = torch.randint(0, WORDS, (2, 12), generator=torch.Generator().manual_seed(1))
+PROMPT = torch.randint(0, WORDS, (2, 5), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def imported(request, tmp_path_factory):
+    """A tiny fp32 LLaDA directory and its imports at TP=1 and TP=2/PP=2."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    config = llada_config(request.param)
+    weights = random_weights(config, torch.float32)
+    src = write_llada(tmp / "hf", config, weights)
+    return {"config": config, "weights": weights, "src": src, "tmp": tmp, "tp1": import_at(src, tmp / "tp1"), "tp2pp2": import_at(src, tmp / "tp2pp2", 2, 2)}
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2pp2"])
+def test_import_gives_llada_logits_and_generations(imported, layout):
+    [(logits, generated, special, text)] = run_distributed(_logits_and_generation, 1, imported[layout], TOKENS, PROMPT, timeout=300)
+    expected = llada_forward(imported["weights"], imported["config"], TOKENS)
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
+    reference = llada_generate(lambda x: llada_forward(imported["weights"], imported["config"], x), PROMPT, steps=8, gen_length=8, block_length=4, mask_id=MASK)
+    assert generated.tolist() == reference.tolist()
+    # The tokenizer and its special ids travel with the checkpoint (no data root needed).
+    assert (special.mask, special.pad, special.stop) == (MASK, EOT, (EOT, EOT_ID))
+    assert text == "w1 w2 <|endoftext|>"
+
+
+def test_checkpoint_is_complete_with_checksums_and_its_source(imported):
+    from illada import storage
+    from illada.train.checkpoint import MARKER, files_digest
+
+    path = Path(imported["tp2pp2"])
+    info = json.loads((path / MARKER).read_text())
+    assert info["step"] == 0 and info["parallel"] == {"tensor": 2, "pipeline": 2, "data": 1}
+    assert info["model"]["tie_word_embeddings"] == imported["config"]["weight_tying"] and info["model"]["num_query_groups"] == imported["config"]["n_kv_heads"]
+    assert info["source"]["path"] == str(imported["src"])
+    assert info["source"]["files"]["model-00002-of-00002.safetensors"] == storage.sha256_file(str(imported["src"] / "model-00002-of-00002.safetensors"))
+    assert "tokenizer/tokenizer.json" in info["files"] and info["digest"] == files_digest(info["files"])
+    for name, meta in info["files"].items():
+        assert storage.sha256_file(str(path / name)) == meta["sha256"], name
+    assert not Path(str(path) + ".partial").exists()
+
+
+def test_export_round_trips_bit_exactly_at_every_layout(imported):
+    tmp, source = imported["tmp"], imported["weights"]
+    exported = export(imported["tp1"], tmp / "export-tp1")
+    exported_tensors = read_safetensors(exported)
+    assert set(exported_tensors) == set(source)
+    for name, tensor in source.items():
+        assert torch.equal(exported_tensors[name], tensor), name
+    assert len(set(json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
+    from_tp2pp2 = read_safetensors(export(imported["tp2pp2"], tmp / "export-tp2pp2"))
+    assert all(torch.equal(from_tp2pp2[n], t) for n, t in exported_tensors.items())
+    config = json.loads((exported / "config.json").read_text())
+    assert {k: config[k] for k in imported["config"]} == imported["config"] and config["torch_dtype"] == "float32"
+    assert Tokenizer.from_file(str(exported / "tokenizer.json")).token_to_id("<|mdm_mask|>") == MASK
+    # import -> export -> import: the second import exports the same bits again.
+    again = read_safetensors(export(import_at(exported, tmp / "reimported"), tmp / "export-again"))
+    assert all(torch.equal(again[n], t) for n, t in source.items())
+
+
+def test_bf16_weights_round_trip_bit_exactly(tmp_path):
+    config = llada_config("gqa-tied")
+    weights = random_weights(config, torch.bfloat16, seed=3)
+    checkpoint = import_at(write_llada(tmp_path / "hf", config, weights), tmp_path / "ckpt")
+    exported = read_safetensors(export(checkpoint, tmp_path / "export", dtype="bf16"))
+    assert all(exported[n].dtype == torch.bfloat16 and torch.equal(exported[n], t) for n, t in weights.items())
+
+
+# --- bad input: one line, exit 2, before any model is built -------------------------------------
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    from illada.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(list(argv))
+    return code, err.getvalue()
+
+
+def _broken(tmp_path: Path, how: str) -> Path:
+    config = llada_config("mha-untied")
+    weights = random_weights(config, torch.float32)
+    tokenizer = None
+    if how == "architecture":
+        config["architectures"] = ["LlamaForCausalLM"]
+    elif how == "shape":
+        config["mlp_hidden_size"] = 128
+    elif how == "no-mask":
+        del config["mask_token_id"]
+        tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(WORDS)}, unk_token="w0"))
+        tokenizer.add_special_tokens(["<|endoftext|>"])
+    src = write_llada(tmp_path / how, config, weights, tokenizer)
+    if how == "shard":
+        (src / "model-00002-of-00002.safetensors").unlink()
+    return src
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("shard", "is missing shard(s) model-00002-of-00002.safetensors listed in model.safetensors.index.json"),
+        ("architecture", "config.json names architecture(s) ['LlamaForCausalLM']; only LLaDAModelLM (LLaDA's format) can be imported"),
+        ("shape", "weight model.transformer.blocks.0.ff_proj.weight has shape [96, 64] but config.json implies [128, 64]"),
+        ("no-mask", "the tokenizer has no mask token (<|mdm_mask|> or <|mask|>) and config.json has no mask_token_id"),
+    ],
+)
+def test_bad_directories_are_refused_in_one_line(tmp_path, how, message):
+    code, err = cli("import", "hf", str(_broken(tmp_path, how)), "--out", str(tmp_path / "out"))
+    assert code == 2 and err.startswith("illada: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_output_is_never_overwritten(tmp_path):
+    src = write_llada(tmp_path / "hf", llada_config("gqa-tied"), random_weights(llada_config("gqa-tied"), torch.float32))
+    (tmp_path / "out").mkdir()
+    code, err = cli("import", "hf", str(src), "--out", str(tmp_path / "out"))
+    assert code == 2 and "exists already; remove it or choose another --out" in err
+    shutil.rmtree(tmp_path / "out")
