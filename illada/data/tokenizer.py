@@ -1,9 +1,11 @@
 """Stage 4, tokenizer: train a byte-level BPE on a sample of the corpus, or load one.
 
 The special tokens the model needs sit at fixed ids 0-6 of a trained tokenizer (the
-iLLaDA release uses mask id 5). A loaded tokenizer keeps its own ids; tokens it lacks are
-added. Either way the ids are recorded in the manifest and read from there downstream:
-no other module hard-codes them.
+iLLaDA release uses mask id 5). A loaded tokenizer.json keeps its own ids; tokens it lacks are
+added. A checkpoint directory given as the path (e.g. what `illada import hf` wrote from
+LLaDA-8B) brings its tokenizer with the special ids it carries (LLaDA's mask is
+`<|mdm_mask|>` = 126336), so the data is tokenized as the model expects. Either way the ids
+are recorded in the manifest and read from there downstream: no other module hard-codes them.
 """
 
 from __future__ import annotations
@@ -51,6 +53,18 @@ def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int = 2) -> 
     return tokenizer
 
 
+def tokenizer_source(path: str) -> tuple[str, dict[str, int] | None]:
+    """The tokenizer.json to load for data.tokenizer.path, and the special ids that come with
+    it: a checkpoint's carried tokenizer and ids, or a tokenizer.json (ids found by name)."""
+    marker = storage.join(path, "illada.json")
+    if not storage.exists(marker):
+        return path, None
+    carried = storage.read_json(marker).get("tokenizer")
+    if not carried:
+        raise ValueError(f"data.tokenizer.path {path} is a checkpoint that carries no tokenizer; give its data run's tokenizer.json")
+    return storage.join(path, carried["path"]), carried["special_ids"]
+
+
 def load_tokenizer(url: str) -> Tokenizer:
     tokenizer = Tokenizer.from_str(storage.read_bytes(url).decode())
     absent = [t for t in SPECIAL_TOKENS.values() if tokenizer.token_to_id(t) is None]
@@ -76,8 +90,10 @@ def sample_texts(files: list[dict], root: str, quota: dict[str, int]) -> Iterato
 
 
 def tokenizer_task(spec: dict) -> dict:
+    ids = None
     if spec["path"]:
-        tokenizer = load_tokenizer(spec["path"])
+        url, ids = tokenizer_source(spec["path"])
+        tokenizer = Tokenizer.from_str(storage.read_bytes(url).decode()) if ids else load_tokenizer(url)
     else:
         texts = sample_texts(spec["files"], spec["root"], spec["quota"])
         tokenizer = train_bpe(texts, spec["vocab_size"], spec["min_frequency"])
@@ -87,7 +103,7 @@ def tokenizer_task(spec: dict) -> dict:
         "sha256": storage.sha256_file(spec["out_url"]),
         "bytes": len(data),
         "vocab_size": tokenizer.get_vocab_size(),
-        "special_ids": special_ids(tokenizer),
+        "special_ids": ids or special_ids(tokenizer),
     }
 
 
@@ -113,6 +129,13 @@ def tokenizer_url(manifest: dict, root: str) -> str:
     return storage.join(root, manifest["files"][0]["path"])
 
 
+def _loaded_identity(path: str | None) -> str | dict | None:
+    if path is None:
+        return None
+    url, ids = tokenizer_source(path)
+    return {"sha256": storage.sha256_file(url), "special_ids": ids} if ids else storage.sha256_file(url)
+
+
 STAGE = Stage(
     name="tokenizer",
     inputs=("dedup_fuzzy",),
@@ -120,7 +143,7 @@ STAGE = Stage(
     identity=lambda config: {
         "tokenizer": config.data.tokenizer.model_dump(mode="json"),
         "mix": config.data.mix(),
-        "loaded": storage.sha256_file(config.data.tokenizer.path) if config.data.tokenizer.path else None,
+        "loaded": _loaded_identity(config.data.tokenizer.path),
     },
-    description="Train a byte-level BPE with fixed special-token ids, or load a tokenizer.json.",
+    description="Train a byte-level BPE with fixed special-token ids, or load a tokenizer.json or a checkpoint's tokenizer.",
 )

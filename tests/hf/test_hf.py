@@ -19,6 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from tests.conftest import WORDS as CORPUS_WORDS
+from tests.conftest import TinyConfigFactory
 from tests.distributed import run_distributed
 from tests.sampling.reference import llada_generate
 
@@ -81,7 +83,10 @@ def random_weights(config: dict, dtype: torch.dtype, seed: int = 0) -> dict[str,
 
 
 def tiny_tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(WORDS)}, unk_token="w0"))
+    """Word-level: the tiny corpus's words (tests/conftest.py), then fillers, then the specials."""
+    words = [*dict.fromkeys(["alpha", "beta", "document", *CORPUS_WORDS])]
+    words += [f"w{i}" for i in range(WORDS - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="document"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(["<|endoftext|>", "<|eot_id|>", "<|mdm_mask|>"])
     assert [tok.token_to_id(t) for t in ("<|endoftext|>", "<|eot_id|>", "<|mdm_mask|>")] == [EOT, EOT_ID, MASK]
@@ -215,7 +220,7 @@ def test_import_gives_llada_logits_and_generations(imported, layout):
     assert generated.tolist() == reference.tolist()
     # The tokenizer and its special ids travel with the checkpoint (no data root needed).
     assert (special.mask, special.pad, special.stop) == (MASK, EOT, (EOT, EOT_ID))
-    assert text == "w1 w2 <|endoftext|>"
+    assert text == "beta document <|endoftext|>"
 
 
 def test_checkpoint_is_complete_with_checksums_and_its_source(imported):
@@ -258,6 +263,52 @@ def test_bf16_weights_round_trip_bit_exactly(tmp_path):
     checkpoint = import_at(write_llada(tmp_path / "hf", config, weights), tmp_path / "ckpt")
     exported = read_safetensors(export(checkpoint, tmp_path / "export", dtype="bf16"))
     assert all(exported[n].dtype == torch.bfloat16 and torch.equal(exported[n], t) for n, t in weights.items())
+
+
+# --- continued pre-training from an import ----------------------------------------------------
+
+
+def _train(rank: int, raw: dict) -> str:
+    from illada.config import load_config
+    from illada.parallel import destroy_parallel
+    from illada.train.trainer import train_loop
+
+    train_loop(load_config(base=raw))
+    destroy_parallel()
+    return f"{raw['root']}/checkpoints"
+
+
+def test_continued_pretraining_starts_from_the_import_and_the_lineage_names_its_source(tmp_path, ray_local):
+    from illada.config import load_config
+    from illada.lineage.graph import build
+    from illada.lineage.render import text
+    from illada.pipeline.runner import run_pipeline
+    from illada.train.checkpoint import MARKER, complete_checkpoints
+    from pipelines.pretrain_data import STAGES
+
+    config = llada_config("gqa-tied")
+    weights = random_weights(config, torch.float32)
+    src = write_llada(tmp_path / "hf", config, weights)
+    imported = import_at(src, tmp_path / "llada")
+    raw = TinyConfigFactory().raw(str(tmp_path / "run"), str(tmp_path / "raw"))
+    raw["data"]["tokenizer"] = {"path": imported}  # tokenize with the released tokenizer and its ids
+    run_pipeline(load_config(base=raw), STAGES)
+    pack = json.loads((tmp_path / "run" / "pack" / "manifest.json").read_text())
+    assert pack["stats"]["special_ids"]["mask"] == MASK and pack["stats"]["special_ids"]["eot"] == EOT
+
+    model = json.loads((Path(imported) / MARKER).read_text())["model"]
+    train = {"steps": 5, "global_batch_size": 4, "micro_batch_size": 4, "log_interval": 5, "optim": {"lr": 1e-3, "warmup_steps": 1}, "checkpoint": {"interval": 5}, "init_from": imported}
+    [root] = run_distributed(_train, 1, {**raw, "model": model, "train": train}, timeout=300)
+    [trained] = complete_checkpoints(root)
+    info = json.loads((Path(trained) / MARKER).read_text())
+    assert info["step"] == 5 and info["parent"] == imported and info["tokenizer"]["special_ids"]["mask"] == MASK
+
+    # Five small steps moved the released weights a little (a fresh init would be far away).
+    moved = read_safetensors(export(trained, tmp_path / "export"))
+    change = max((moved[n] - t).abs().max().item() for n, t in weights.items())
+    assert 0 < change < 0.02, change
+    graph = text(build(trained))
+    assert "initialised from" in graph and "converted from" in graph and str(src) in graph, graph
 
 
 # --- bad input: one line, exit 2, before any model is built -------------------------------------
