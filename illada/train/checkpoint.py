@@ -178,7 +178,7 @@ class Checkpointer:
         mine = sorted(glob.glob(os.path.join(path, f"__{rank}_*.distcp")))
         if rank == 0:
             mine += [os.path.join(path, n) for n in ("common.pt", "metadata.json", ".metadata", TOKENIZER_FILE) if os.path.exists(os.path.join(path, n))]
-        local = {os.path.basename(f): file_checksum(f) for f in mine}
+        local = {os.path.relpath(f, path): file_checksum(f) for f in mine}
         gathered = [None] * dist.get_world_size() if self.rank0 else None
         dist.gather_object(local, gathered, dst=0)
         if not self.rank0:

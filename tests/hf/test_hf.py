@@ -311,6 +311,46 @@ def test_continued_pretraining_starts_from_the_import_and_the_lineage_names_its_
     assert "initialised from" in graph and "converted from" in graph and str(src) in graph, graph
 
 
+def test_sft_from_an_import_with_illadas_chat_tokens(tmp_path, ray_local):
+    """An iLLaDA-style release (GQA, tied, illada's role and mask tokens) fine-tuned directly."""
+    from illada.config import load_config
+    from illada.data.tokenizer import SPECIAL_TOKENS
+    from illada.eval import toy_instruct
+    from illada.pipeline.runner import run_pipeline
+    from illada.train.checkpoint import MARKER, complete_checkpoints
+    from pipelines.sft_data import STAGES
+
+    tokenizer = Tokenizer(models.WordLevel({f"{i}": i for i in range(WORDS)}, unk_token="0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS.values()))
+    ids = {name: tokenizer.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
+    config = llada_config("gqa-tied", mask_token_id=ids["mask"], eos_token_id=ids["eot"], pad_token_id=ids["pad"])
+    imported = import_at(write_llada(tmp_path / "hf", config, random_weights(config, torch.float32), tokenizer), tmp_path / "illada")
+    assert json.loads((Path(imported) / MARKER).read_text())["tokenizer"]["special_ids"] == ids
+
+    examples, _ = toy_instruct.split(toy_instruct.make_examples(64, seed=0, tasks=("copy",), lengths=(3, 3)), 8)
+    toy_instruct.write_jsonl(examples, tmp_path / "raw" / "toy.jsonl")
+    raw = {
+        "name": "sft-from-import",
+        "root": str(tmp_path / "run"),
+        "ray": {"num_cpus": 2},
+        "data": {
+            "kind": "sft",
+            "sources": [{"name": "toy", "paths": [str(tmp_path / "raw" / "toy.jsonl")], "format": "chat", "weight": 1, "id_field": "id"}],
+            "dedup": {"exact": {"num_partitions": 2}, "fuzzy": {"enabled": False}},
+            "tokenizer": {"path": imported},
+            "sft": {"buckets": [32, 64]},
+        },
+    }
+    run_pipeline(load_config(base=raw), STAGES)
+    model = json.loads((Path(imported) / MARKER).read_text())["model"]
+    train = {"objective": "sft", "sft": {"epochs": 1}, "global_batch_size": 8, "micro_batch_size": 8, "optim": {"lr": 1e-3, "warmup_steps": 1}, "checkpoint": {"interval": 100}, "init_from": imported}
+    [root] = run_distributed(_train, 1, {**raw, "model": model, "train": train}, timeout=300)
+    [trained] = complete_checkpoints(root)
+    info = json.loads((Path(trained) / MARKER).read_text())
+    assert info["step"] > 0 and info["parent"] == imported and info["tokenizer"]["special_ids"] == ids
+
+
 # --- bad input: one line, exit 2, before any model is built -------------------------------------
 
 
