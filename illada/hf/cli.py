@@ -16,7 +16,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     if processes > 1 and "WORLD_SIZE" not in os.environ:
         check_source(args.src)  # bad input fails here, once, before any process starts
         check_out(args.out)
-        return _relaunch_under_torchrun(processes)
+        return _relaunch_under_torchrun(processes, ["import", "hf", args.src, "--out", args.out, "--tp", str(args.tp), "--pp", str(args.pp)])
     from illada.parallel import destroy_parallel
 
     out = import_hf(args.src, args.out, tp=args.tp, pp=args.pp)
@@ -26,9 +26,10 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _relaunch_under_torchrun(processes: int) -> int:
+def _relaunch_under_torchrun(processes: int, argv: list[str]) -> int:
+    """The same command in `processes` processes on this machine (like `illada train --nproc-per-node`)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    os.execv(sys.executable, [*torchrun, "-m", "illada.cli", *sys.argv[1:]])
+    os.execv(sys.executable, [*torchrun, "-m", "illada.cli", *argv])
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:

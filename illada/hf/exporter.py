@@ -45,11 +45,23 @@ def export_hf(checkpoint: str, out: str, dtype: str = "bf16", max_shard_bytes: i
     os.makedirs(partial)
     special_ids = write_tokenizer(path, info, partial)
     write_weights(cfg, params, torch_dtype, partial, max_shard_bytes)
-    config = convert.hf_config(cfg, special_ids, torch_dtype, base=info.get("hf_config"))
+    config = convert.hf_config(cfg, special_ids, torch_dtype, base=imported_hf_config(info))
     with open(os.path.join(partial, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     os.rename(partial, out)
     return out
+
+
+def imported_hf_config(info: dict, max_depth: int = 1000) -> dict | None:
+    """The config.json of the import this checkpoint descends from (through its parents), if any."""
+    from illada.train.checkpoint import MARKER
+
+    for _ in range(max_depth):
+        if info.get("hf_config") or not info.get("parent"):
+            return info.get("hf_config")
+        marker = os.path.join(info["parent"], MARKER)
+        info = json.loads(open(marker).read()) if os.path.isfile(marker) else {}
+    return None
 
 
 def plan_shards(cfg: ModelConfig, itemsize: int, max_shard_bytes: int) -> list[list[convert.Weight]]:
@@ -75,7 +87,7 @@ def write_weights(cfg: ModelConfig, params: dict[str, torch.Tensor], dtype: torc
         tensors = {}
         for weight in shard:
             converted = convert.to_hf(cfg, weight, params[weight.megatron].detach())
-            tensors.update({n: t.to(dtype=dtype, copy=True).contiguous() for n, t in converted.items()})
+            tensors.update({n: t.to(device="cpu", dtype=dtype, copy=True).contiguous() for n, t in converted.items()})
         save_file(tensors, os.path.join(out, name), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, name))

@@ -10,7 +10,10 @@ import contextlib
 import io
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from tests.conftest import WORDS as CORPUS_WORDS
-from tests.conftest import TinyConfigFactory
+from tests.conftest import REPO, TinyConfigFactory
 from tests.distributed import run_distributed
 from tests.sampling.reference import llada_generate
 
@@ -52,6 +55,7 @@ def llada_config(variant: str, **changes) -> dict:
         "rms_norm_eps": 1e-6,
         "include_bias": False,
         "rope": True,
+        "init_fn": "normal",  # not the template's: shows an export kept the imported config.json
         "mask_token_id": MASK,
         "eos_token_id": EOT,
         "pad_token_id": EOT,
@@ -208,7 +212,15 @@ def imported(request, tmp_path_factory):
     config = llada_config(request.param)
     weights = random_weights(config, torch.float32)
     src = write_llada(tmp / "hf", config, weights)
-    return {"config": config, "weights": weights, "src": src, "tmp": tmp, "tp1": import_at(src, tmp / "tp1"), "tp2pp2": import_at(src, tmp / "tp2pp2", 2, 2)}
+    return {"config": config, "weights": weights, "src": src, "tmp": tmp, "tp1": import_at(src, tmp / "tp1"), "tp2pp2": import_with_torchrun(src, tmp / "tp2pp2", 2, 2)}
+
+
+def import_with_torchrun(src: Path, out: Path, tp: int, pp: int) -> str:
+    """`illada import hf --tp --pp`, which starts tp x pp processes with torchrun."""
+    cmd = [sys.executable, "-m", "illada.cli", "import", "hf", str(src), "--out", str(out), "--tp", str(tp), "--pp", str(pp)]
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and f"-> {out}" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
+    return str(out)
 
 
 @pytest.mark.parametrize("layout", ["tp1", "tp2pp2"])
@@ -304,7 +316,9 @@ def test_continued_pretraining_starts_from_the_import_and_the_lineage_names_its_
     assert info["step"] == 5 and info["parent"] == imported and info["tokenizer"]["special_ids"]["mask"] == MASK
 
     # Five small steps moved the released weights a little (a fresh init would be far away).
-    moved = read_safetensors(export(trained, tmp_path / "export"))
+    exported = export(trained, tmp_path / "export")
+    assert json.loads((exported / "config.json").read_text())["init_fn"] == "normal"  # the import's config.json, inherited
+    moved = read_safetensors(exported)
     change = max((moved[n] - t).abs().max().item() for n, t in weights.items())
     assert 0 < change < 0.02, change
     graph = text(build(trained))
