@@ -149,7 +149,8 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int], dtype: torch.dtype,
     with the shape, the special ids and the dtype written over it."""
     out = dict(base or CONFIG_TEMPLATE)
     out.update({key: getattr(cfg, field) for key, field in CONFIG_KEYS.items()})
-    out["vocab_size"] = cfg.vocab_size
+    if not base or not 0 < out.get("vocab_size", 0) <= cfg.vocab_size:  # an imported one may be below the padded rows
+        out["vocab_size"] = cfg.vocab_size
     out["mask_token_id"] = special_ids["mask"]
     out["eos_token_id"] = special_ids["eot"]
     out["pad_token_id"] = special_ids["pad"]

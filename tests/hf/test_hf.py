@@ -323,6 +323,14 @@ def test_continued_pretraining_starts_from_the_import_and_the_lineage_names_its_
     assert 0 < change < 0.02, change
     graph = text(build(trained))
     assert "initialised from" in graph and "converted from" in graph and str(src) in graph, graph
+    from illada.lineage.verify import verify
+
+    def released(findings):
+        return [(f.kind, f.state) for f in findings if f.kind.startswith("released")]
+
+    assert released(verify(build(trained)).findings) == [("released model", "ok")]
+    (src / "config.json").write_text(json.dumps({**config, "rope_theta": 1.0}))  # the source changed since
+    assert released(verify(build(trained)).findings) == [("released file", "changed")]
 
 
 def test_sft_from_an_import_with_illadas_chat_tokens(tmp_path, ray_local):
