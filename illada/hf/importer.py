@@ -3,8 +3,9 @@
 Run in tp x pp processes (torchrun; one process for 1 x 1): each builds its part of the
 model for that layout, copies its shards in from the source one weight at a time, and
 megatron's dist_checkpointing writes them, so the checkpoint loads at any TP/PP (like a
-training checkpoint) and a process never holds more than its part of the model (in fp32,
-the dtype training checkpoints keep) plus one source weight.
+training checkpoint) and a process never holds more than its part of the model plus one
+source weight. Weights keep the source's dtype (bf16 for LLaDA: 16 GB for 8B at TP=1);
+loading casts them to the dtype of the model they load into (fp32 for training, exactly).
 
 The checkpoint is written as OUT.partial and renamed to OUT once complete, with the files
 training checkpoints have (illada.json last, with every file's sha256), plus the tokenizer
@@ -65,7 +66,7 @@ def import_hf(src: str, out: str, tp: int = 1, pp: int = 1, seed: int = 1234) ->
         shutil.rmtree(partial, ignore_errors=True)  # an import that died: never looks complete
         os.makedirs(partial)
     dist.barrier()
-    model = build_empty(cfg, tp, pp)
+    model = build_empty(cfg, tp, pp, model_dir.dtype())
     copy_weights(model, model_dir, parallel_state.get_tensor_model_parallel_rank(), tp)
     dist_checkpointing.save({"model": model.sharded_state_dict()}, partial)
     dist.barrier()
@@ -75,13 +76,13 @@ def import_hf(src: str, out: str, tp: int = 1, pp: int = 1, seed: int = 1234) ->
     return out
 
 
-def build_empty(cfg, tp: int, pp: int):
+def build_empty(cfg, tp: int, pp: int, dtype: torch.dtype = torch.float32):
     """This rank's part of the model with uninitialised weights (they are all overwritten)."""
     from megatron.core import parallel_state
 
     from illada.model.build import build_model, transformer_config
 
-    tconfig = transformer_config(cfg, tp=tp, pp=pp)
+    tconfig = transformer_config(cfg, tp=tp, pp=pp, params_dtype=dtype)
     tconfig.perform_initialization = False
     return build_model(cfg, tconfig, pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage())
 

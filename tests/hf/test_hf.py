@@ -269,10 +269,15 @@ def test_export_round_trips_bit_exactly_at_every_layout(imported):
     assert all(torch.equal(again[n], t) for n, t in source.items())
 
 
-def test_bf16_weights_round_trip_bit_exactly(tmp_path):
-    config = llada_config("gqa-tied")
+def test_bf16_weights_are_kept_in_bf16_load_into_fp32_and_round_trip_bit_exactly(tmp_path):
+    config = llada_config("mha-untied")
     weights = random_weights(config, torch.bfloat16, seed=3)
     checkpoint = import_at(write_llada(tmp_path / "hf", config, weights), tmp_path / "ckpt")
+    shard_bytes = sum(p.stat().st_size for p in Path(checkpoint).glob("*.distcp"))
+    assert shard_bytes < 4 * sum(t.numel() for t in weights.values())  # stored at 2 bytes a weight, not fp32's 4
+    [(logits, *_)] = run_distributed(_logits_and_generation, 1, checkpoint, TOKENS, PROMPT, timeout=300)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.double(), llada_forward(weights, config, TOKENS), rtol=1e-5, atol=1e-5)
     exported = read_safetensors(export(checkpoint, tmp_path / "export", dtype="bf16"))
     assert all(exported[n].dtype == torch.bfloat16 and torch.equal(exported[n], t) for n, t in weights.items())
 
