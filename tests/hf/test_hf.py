@@ -378,6 +378,34 @@ def test_sft_from_an_import_with_illadas_chat_tokens(tmp_path, ray_local):
     assert info["step"] > 0 and info["parent"] == imported and info["tokenizer"]["special_ids"] == ids
 
 
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def test_llada_instruct_tokenizers_get_its_released_chat_template():
+    """LLaDA-8B-Instruct's template (Llama-3 headers, <|startoftext|> first), as the released
+    tokenizer_config.json renders it, encoded whole by a byte-level BPE with Llama-3's split."""
+    from tokenizers import Regex, decoders, trainers
+
+    from illada.data.chat_template import ChatTemplate
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["system user assistant\n\nBe brief. What is 2+2? It is 4.\n\n"] * 20, trainer=trainer)
+    tok.add_special_tokens(["<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|endoftext|>"])
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    rendered = (
+        "<|startoftext|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    template = ChatTemplate(tok)
+    assert template.prompt(conversation) == tok.encode(rendered, add_special_tokens=False).ids
+    [(tokens, prompt_len)] = template.samples([[*conversation, {"role": "assistant", "content": "It is 4."}]])
+    assert tokens == tok.encode(rendered + "It is 4.<|eot_id|>", add_special_tokens=False).ids
+    assert prompt_len == len(template.prompt(conversation))
+
+
 # --- bad input: one line, exit 2, before any model is built -------------------------------------
 
 
