@@ -222,7 +222,8 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_g
 
 def check_same_shape(model: dict, saved: dict, path: str) -> None:
     """train.init_from's weights fit the configured model (else megatron fails deep in loading)."""
-    differ = [f"{f}={saved.get(f, True)} (model.{f} is {model[f]})" for f in SHAPE_FIELDS if saved.get(f, True) != model[f]]
+    saved = {"tie_word_embeddings": True, **saved}  # checkpoints from before the field were tied
+    differ = [f"{f}={saved[f]} (model.{f} is {model[f]})" for f in SHAPE_FIELDS if saved[f] != model[f]]
     if differ:
         raise ConfigError(f"train.init_from {path} holds a model with {', '.join(differ)}; give the model section its shape (illada.json's \"model\", e.g. model.preset=llada-8b)")
 

@@ -458,3 +458,14 @@ def test_an_existing_output_is_never_overwritten(tmp_path):
     code, err = cli("import", "hf", str(src), "--out", str(tmp_path / "out"))
     assert code == 2 and "exists already; remove it or choose another --out" in err
     shutil.rmtree(tmp_path / "out")
+
+
+def test_init_from_refuses_weights_of_another_shape():
+    from illada.config import ConfigError
+    from illada.model.config import ModelConfig
+    from illada.train.checkpoint import check_same_shape
+
+    llada, illada_8b = ModelConfig(preset="llada-8b").model_dump(), ModelConfig(preset="illada-8b").model_dump()
+    check_same_shape(llada, {**llada, "max_seq_len": 8192}, "ckpt")  # positions are not weights
+    with pytest.raises(ConfigError, match=r"holds a model with num_query_groups=8 \(model.num_query_groups is 32\), .*tie_word_embeddings=True"):
+        check_same_shape(llada, illada_8b, "ckpt")
