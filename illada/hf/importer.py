@@ -4,8 +4,8 @@ Run in tp x pp processes (torchrun; one process for 1 x 1): each builds its part
 model for that layout, copies its shards in from the source one weight at a time, and
 megatron's dist_checkpointing writes them, so the checkpoint loads at any TP/PP (like a
 training checkpoint) and a process never holds more than its part of the model plus one
-source weight. Weights keep the source's dtype (bf16 for LLaDA: 16 GB for 8B at TP=1);
-loading casts them to the dtype of the model they load into (fp32 for training, exactly).
+source weight. Weights keep the source's dtype (bf16 for LLaDA); loading casts them to the
+dtype of the model they load into (fp32 for training, exactly).
 
 The checkpoint is written as OUT.partial and renamed to OUT once complete, with the files
 training checkpoints have (illada.json last, with every file's sha256), plus the tokenizer
