@@ -60,7 +60,8 @@ def check_files(path: str, *, sha256: bool = True) -> dict:
     parsed illada.json. Raises DamagedCheckpoint naming the first file that differs."""
     info = read_marker(path)
     listed = info["files"]
-    for name in sorted(os.listdir(path)):
+    present = (os.path.relpath(os.path.join(folder, name), path) for folder, _, names in os.walk(path) for name in names)
+    for name in sorted(present):
         if name != MARKER and name not in listed:
             raise DamagedCheckpoint(path, name, "is not listed in illada.json")
     for name, meta in sorted(listed.items()):

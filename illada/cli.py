@@ -274,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     from illada.chat_cli import add_parser as add_chat_parser
 
     add_chat_parser(sub)  # chat
+
+    from illada.hf.cli import add_parsers as add_hf_parsers
+
+    add_hf_parsers(sub)  # import hf, export hf
     return parser
 
 

@@ -158,7 +158,7 @@ class DecontaminateConfig(Strict):
 
 
 class TokenizerConfig(Strict):
-    path: str | None = Field(None, description="A tokenizer.json to load instead of training one.")
+    path: str | None = Field(None, description="A tokenizer.json to load instead of training one, or a checkpoint directory carrying a tokenizer and its special ids (e.g. an `illada import hf` output).")
     vocab_size: int = Field(155_136, gt=16)
     train_sample_docs: int = Field(100_000, gt=0)
     min_frequency: int = Field(2, ge=1)

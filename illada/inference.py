@@ -7,9 +7,11 @@
 
 The model is rebuilt from the checkpoint's illada.json ("model": the ModelConfig it was
 trained with) and its weights loaded with dist_checkpointing, which reshards, so a
-checkpoint saved at any TP/PP layout loads here. The tokenizer and its special ids come from
-the data-pipeline run the checkpoint was trained on (illada.json's "data_root"): its
-tokenizer stage's tokenizer.json and the special ids its manifests record.
+checkpoint saved at any TP/PP layout loads here. The tokenizer and its special ids are the
+ones the checkpoint carries (illada.json's "tokenizer": its tokenizer/ folder and ids; every
+imported and newly trained checkpoint has them); an older checkpoint's come from the
+data-pipeline run it was trained on ("data_root": its tokenizer stage's tokenizer.json and
+the special ids its manifests record).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from tokenizers import Tokenizer
 
 from illada import storage
+from illada.layout import CheckpointInfo
 from illada.model.config import ModelConfig
 from illada.sampling.model import SpecialTokens
 
@@ -57,7 +60,8 @@ def load_for_inference(checkpoint: str, *, bf16: bool | None = None, seed: int =
     path = resolve_checkpoint(checkpoint)
     info = checkpoint_info(path)
     config = ModelConfig.model_validate(info.model)
-    tokenizer, special = load_tokenizer(info.data_root)
+    tokenizer, special_ids = checkpoint_tokenizer(path, info)
+    special = SpecialTokens.from_ids(special_ids)
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu if bf16 is None else bf16
     _init_one_process(init_parallel, seed)
@@ -81,8 +85,22 @@ def _init_one_process(init_parallel, seed: int) -> None:
     init_parallel(1, 1, seed=seed)
 
 
+def checkpoint_tokenizer(path: str, info: CheckpointInfo) -> tuple[Tokenizer, dict[str, int]]:
+    """The tokenizer and special ids a checkpoint carries, else those of its data run."""
+    if info.tokenizer:
+        return Tokenizer.from_str(storage.read_bytes(storage.join(path, info.tokenizer["path"])).decode()), info.tokenizer["special_ids"]
+    if not info.data_root:
+        raise FileNotFoundError(f"{path} carries no tokenizer and names no data_root to take one from")
+    return load_tokenizer_ids(info.data_root)
+
+
 def load_tokenizer(data_root: str) -> tuple[Tokenizer, SpecialTokens]:
     """The tokenizer a data-pipeline run trained (or loaded) and its special ids."""
+    tokenizer, ids = load_tokenizer_ids(data_root)
+    return tokenizer, SpecialTokens.from_ids(ids)
+
+
+def load_tokenizer_ids(data_root: str) -> tuple[Tokenizer, dict[str, int]]:
     manifest_url = storage.join(data_root, "tokenizer", "manifest.json")
     if not storage.exists(manifest_url):
         raise FileNotFoundError(f"no tokenizer manifest at {manifest_url}: the checkpoint's data_root must hold a completed data-pipeline run")
@@ -90,4 +108,4 @@ def load_tokenizer(data_root: str) -> tuple[Tokenizer, SpecialTokens]:
     tokenizer = Tokenizer.from_str(storage.read_bytes(storage.join(data_root, manifest["files"][0]["path"])).decode())
     pack_url = storage.join(data_root, "pack", "manifest.json")
     ids = storage.read_json(pack_url)["stats"]["special_ids"] if storage.exists(pack_url) else manifest["stats"]["special_ids"]
-    return tokenizer, SpecialTokens.from_ids(ids)
+    return tokenizer, ids

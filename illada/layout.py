@@ -13,6 +13,7 @@ Stage outputs, under a run root:
 Checkpoints, under train.checkpoint.dir (default <root>/checkpoints):
 
     step_00001000/                   one checkpoint (megatron dist_checkpointing files)
+        tokenizer/tokenizer.json     the tokenizer it was trained with (special ids in illada.json)
         illada.json                  written last: the checkpoint is complete only with it
 """
 
@@ -34,6 +35,8 @@ LOCK = "_lock.json"  # held by the one `pipeline run` writing the root (illada.p
 ROOT_IDENTITY = "_root.json"  # which pipeline the root holds
 
 CHECKPOINT_MARKER = "illada.json"
+CHECKPOINT_TOKENIZER_DIR = "tokenizer"  # the tokenizer a checkpoint carries (its files as released)
+CHECKPOINT_TOKENIZER = f"{CHECKPOINT_TOKENIZER_DIR}/tokenizer.json"
 CHECKPOINTS = "checkpoints"  # the default checkpoint folder under a run root
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -115,6 +118,9 @@ class CheckpointInfo:
     data_root: str | None = None
     parallel: dict[str, int] = field(default_factory=dict)
     saved_at: str | None = None
+    tokenizer: dict | None = None  # the tokenizer it carries: {"path": relative file, "special_ids": {...}}
+    source: dict | None = None  # where an imported checkpoint came from (format, path, file hashes)
+    hf_config: dict | None = None  # an imported checkpoint's Hugging Face config.json
     extra: dict[str, Any] = field(default_factory=dict)  # what a newer writer added
 
     @classmethod

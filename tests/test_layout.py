@@ -46,7 +46,7 @@ def test_checkpoint_info_is_typed_and_keeps_what_it_does_not_know(run_root):
     info = checkpoint_info(str(run_root))
     assert isinstance(info, CheckpointInfo) and info.step == 2 and info.data_root == "/data" and info.parent is None
     assert info.extra == {"written_by": "a newer illada"}
-    defaults = {"tokens_per_source": {}, "parent": None, "init_from": None, "parallel": {}, "saved_at": None}
+    defaults = {"tokens_per_source": {}, "parent": None, "init_from": None, "parallel": {}, "saved_at": None, "tokenizer": None, "source": None, "hf_config": None}
     assert info.to_dict() == {**INFO, "step": 2, **defaults}  # written back as read
 
 

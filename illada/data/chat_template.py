@@ -13,6 +13,15 @@ At inference the same prompt (a conversation ending with a user message, then th
 assistant role token) is what the model continues. All ids come from the tokenizer
 (illada.data.special_tokens.special_ids): none is hard-coded. Message contents are plain text:
 a literal "<|eot|>" typed in a message is encoded as characters, not as end-of-turn.
+
+A tokenizer with Llama-3's header tokens (LLaDA-8B-Instruct's, imported with `illada import
+hf`) gets that model's template instead, as its tokenizer_config.json chat_template renders it:
+
+    <|startoftext|><|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n
+
+a role is then the tokens of its header, end-of-turn is <|eot_id|>, and the conversation
+starts with <|startoftext|>. Headers and contents are encoded apart: the ids of the rendered
+text for a tokenizer that splits newlines off before merging (Llama-3's pre-tokenizer does).
 """
 
 from __future__ import annotations
@@ -24,10 +33,23 @@ from illada.data.special_tokens import plain_text, special_ids
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 
+HEADER, END_HEADER, END_OF_TURN, BEGIN = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|startoftext|>"
+ROLES = ("system", "user", "assistant")
+
+
 class ChatTemplate:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = plain_text(tokenizer)  # sets the flag on the caller's tokenizer too
-        self.ids = special_ids(tokenizer)
+        if all(tokenizer.token_to_id(t) is not None for t in (HEADER, END_HEADER, END_OF_TURN)):
+            headers = [f"{HEADER}{role}{END_HEADER}\n\n" for role in ROLES]
+            self.roles = dict(zip(ROLES, (e.ids for e in tokenizer.encode_batch_fast(headers, add_special_tokens=False))))
+            self.end_of_turn = [tokenizer.token_to_id(END_OF_TURN)]
+            self.begin = [tokenizer.token_to_id(BEGIN)] if tokenizer.token_to_id(BEGIN) is not None else []
+        else:
+            ids = special_ids(tokenizer)
+            self.roles = {role: [ids[role]] for role in ROLES}
+            self.end_of_turn = [ids["end_of_turn"]]
+            self.begin = []
 
     def _contents(self, conversations: list[list[Message]]) -> list[list[int]]:
         """Token ids of every message's content, in order (one batch call)."""
@@ -35,7 +57,7 @@ class ChatTemplate:
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)] if texts else []
 
     def _turn(self, role: str, content: list[int]) -> list[int]:
-        return [self.ids[role], *content, self.ids["end_of_turn"]]
+        return [*self.roles[role], *content, *self.end_of_turn]
 
     def prompt(self, messages: list[Message]) -> list[int]:
         """The tokens a model continues to answer `messages` (ending with a user message)."""
@@ -46,7 +68,7 @@ class ChatTemplate:
         out = []
         for messages in conversations:
             tokens = [t for m in messages for t in self._turn(m["role"], next(contents))]
-            out.append(tokens + [self.ids["assistant"]])
+            out.append(self.begin + tokens + self.roles["assistant"])
         return out
 
     def samples(self, conversations: list[list[Message]]) -> list[tuple[list[int], int]]:
@@ -58,6 +80,6 @@ class ChatTemplate:
             *context, response = messages
             if response["role"] != "assistant":
                 raise ValueError(f"an SFT sample ends with an assistant message, not {response['role']}")
-            prompt = [t for m in context for t in self._turn(m["role"], next(contents))] + [self.ids["assistant"]]
-            out.append((prompt + next(contents) + [self.ids["end_of_turn"]], len(prompt)))
+            prompt = self.begin + [t for m in context for t in self._turn(m["role"], next(contents))] + self.roles["assistant"]
+            out.append((prompt + next(contents) + self.end_of_turn, len(prompt)))
         return out

@@ -103,6 +103,10 @@ def _last_shards(checkpoint: str) -> list[str]:
     from illada.layout import checkpoint_info
 
     root = checkpoint_info(checkpoint).data_root
+    if not root:
+        from illada.config import ConfigError
+
+        raise ConfigError(f"{checkpoint} was not trained here (it names no data run): give the perplexity task a held-out --shard")
     files = storage.read_json(storage.join(root, "pack", "manifest.json"))["files"]
     print("illada eval: perplexity over the pack manifest's last shards, which training may have read; pass --shard for a held-out one", file=sys.stderr)
     return [storage.join(root, f["path"]) for f in reversed(files) if f["path"].endswith(".arrow")]

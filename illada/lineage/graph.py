@@ -277,7 +277,16 @@ class Builder:
             manifest = read_json_if_exists(pack_url)
             if manifest:
                 self.lineage.link(node_id, self.stage(pack_url, manifest["digest"], "pack"), "trained on")
+        if info.get("source"):  # imported from released weights (illada import hf)
+            self.lineage.link(node_id, self.released_model(info["source"]), "converted from")
         return node_id
+
+    def released_model(self, source: dict) -> str:
+        """Weights from outside (a Hugging Face directory), as recorded at import: its files' hashes."""
+        node = self.lineage.add(Node(f"released:{source['path']}", "raw", f"{source['format']} {os.path.basename(source['path'])}"))
+        node.facts = {"path": source["path"], "format": source["format"], "dtype": source.get("dtype"), "files": len(source.get("files", {}))}
+        node.detail["files"] = source.get("files", {})
+        return node.id
 
     # training runs -------------------------------------------------------------------------
 

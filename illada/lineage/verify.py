@@ -28,7 +28,7 @@ FINE = (OK, PRUNED)  # states that are not problems
 
 @dataclass
 class Finding:
-    kind: str  # checkpoint | checkpoint file | shard set | shard
+    kind: str  # checkpoint | checkpoint file | shard set | shard | released model | released file
     path: str
     state: str  # ok | pruned | changed | vanished
     detail: str = ""
@@ -81,6 +81,8 @@ def verify(lineage: Lineage) -> VerifyReport:
     report = VerifyReport(lineage.nodes[lineage.root].label)
     for node in lineage.of_kind("checkpoint"):
         report.findings += verify_checkpoint(node.facts["path"], node.facts.get("digest"), ancestor=node.id != lineage.root)
+    for node in (n for n in lineage.of_kind("raw") if n.id.startswith("released:")):
+        report.findings += verify_released(node.facts["path"], node.detail["files"])
     shard_nodes = lineage.of_kind("shards")
     for node in shard_nodes:
         report.findings += verify_shard_set(node.facts["where"], node.facts["digest"], node.detail.get("files"), node.detail.get("data_root"))
@@ -91,6 +93,18 @@ def verify(lineage: Lineage) -> VerifyReport:
             for source, files in sorted(shard_sets(manifest).items()):
                 report.findings += verify_shard_set(storage.join(root, "pack", "shards", source), shard_set_digest(files), files, root)
     return report
+
+
+def verify_released(path: str, recorded: dict[str, str]) -> list[Finding]:
+    """The files of released weights a checkpoint was imported from, against their hashes then."""
+    hashes = _hashes([os.path.join(path, n) for n in sorted(recorded)])
+    out = []
+    for name, listed in sorted(recorded.items()):
+        sha = hashes[os.path.join(path, name)]
+        if sha != listed:
+            status, why = (VANISHED, "the file is gone") if sha is None else (CHANGED, f"sha256 {sha[:16]}, recorded {listed[:16]}")
+            out.append(Finding("released file", os.path.join(path, name), status, why))
+    return out or [Finding("released model", path, OK, f"{len(recorded)} files as imported")]
 
 
 def verify_checkpoint(path: str, recorded_digest: str | None, ancestor: bool = False) -> list[Finding]:

@@ -114,7 +114,7 @@ def build_model(
         max_sequence_length=cfg.max_seq_len,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=True,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=cfg.rope_theta,
     )

@@ -40,6 +40,7 @@ class ModelConfig(Strict):
     rope_theta: float = Field(500_000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
+    tie_word_embeddings: bool = Field(True, description="One matrix for the input embedding and the LM head (iLLaDA); false gives the head its own (LLaDA).")
 
     @model_validator(mode="before")
     @classmethod
@@ -75,10 +76,11 @@ def check_parallel_sizes(cfg: ModelConfig, tp: int, pp: int) -> None:
 
 
 def num_parameters(cfg: ModelConfig) -> int:
-    """Parameters by formula: tied embedding counted once, RMSNorm weights included, no biases."""
+    """Parameters by formula: a tied embedding counted once, RMSNorm weights included, no biases."""
     h = cfg.hidden_size
     kv = cfg.num_query_groups * cfg.head_dim
     attention = h * h + 2 * h * kv + h * h  # q, k, v, output projection
     mlp = 3 * h * cfg.ffn_hidden_size  # gate, up, down
     norms = 2 * h  # before attention and before the MLP
-    return cfg.num_layers * (attention + mlp + norms) + cfg.vocab_size * h + h  # + final norm
+    embeddings = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    return cfg.num_layers * (attention + mlp + norms) + embeddings + h  # + final norm

@@ -11,11 +11,13 @@ Layout under the checkpoint directory:
         __<rank>_<n>.distcp     tensor shards, written in parallel across DP ranks
         common.pt               scheduler, data position, train state (rank 0)
         metadata.json           dist_checkpointing's
+        tokenizer/tokenizer.json  the training data's tokenizer (its special ids in illada.json)
         illada.json             written last: the checkpoint is complete only with it
 
 A crash mid-save leaves a step directory without `illada.json`; it is never loaded and is
 removed by the next save. `illada.json` also records what the lineage needs: the step,
-tokens per source, the parent checkpoint, the data it read and a checksum of every file.
+tokens per source, the parent checkpoint, the data it read and a checksum of every file;
+and the tokenizer's special ids, so sampling needs the checkpoint only, not the data root.
 
 Nothing of a checkpoint is read before its files are checked against `illada.json`
 (illada.checkpoint_files: size always, sha256 unless train.checkpoint.verify is off). On
@@ -49,10 +51,11 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from illada import layout, storage
 from illada.checkpoint_files import DamagedCheckpoint, check_files
 from illada.config import Config, ConfigError
-from illada.layout import CHECKPOINT_MARKER, STEP_DIR, complete_checkpoints, resolve_checkpoint
+from illada.layout import CHECKPOINT_MARKER, CHECKPOINT_TOKENIZER, STEP_DIR, checkpoint_info, complete_checkpoints, resolve_checkpoint
 from illada.progress import hashing
 
 log = logging.getLogger(__name__)
+
 
 def checkpoint_root(config: Config) -> str:
     return layout.checkpoint_root(config.root, config.train.checkpoint.dir)
@@ -85,6 +88,7 @@ class Checkpointer:
         self.verify = config.train.checkpoint.verify
         self.parent: str | None = None  # the checkpoint this run continued or started from
         self.rank0 = dist.get_rank() == 0
+        self.tokenizer = _data_tokenizer(config.train.data_root) if self.rank0 else None
 
     def restore(self, model, optimizer, scheduler, data, state) -> str | None:
         """Resume from the latest complete checkpoint here; otherwise start from
@@ -99,6 +103,7 @@ class Checkpointer:
         elif self.config.train.init_from:
             self.parent = resolve_checkpoint(self.config.train.init_from)
             self._on_rank0(lambda: check_files(self.parent, sha256=self.verify))
+            check_same_shape(self.config.model.model_dump(), checkpoint_info(self.parent).model, self.parent)
             load_model_weights(model, self.parent, verify=False)  # every rank: sizes and pickles again, cheap
             log.info("initialised weights from %s", self.parent)
         return self.parent
@@ -169,9 +174,12 @@ class Checkpointer:
             get_default_save_sharded_strategy("torch_dist"), parallel_state.get_data_parallel_group()
         )
         dist_checkpointing.save(sharded, path, sharded_strategy=strategy)
+        if self.rank0 and self.tokenizer:
+            storage.write_bytes(os.path.join(path, CHECKPOINT_TOKENIZER), self.tokenizer[0].encode())
         files = self._checksums(path)
         if self.rank0:
-            info = self._info(state, files, extra_info or {})
+            carried = {"tokenizer": {"path": CHECKPOINT_TOKENIZER, "special_ids": self.tokenizer[1]}} if self.tokenizer else {}
+            info = self._info(state, files, {**carried, **(extra_info or {})})
             storage.write_json(os.path.join(path, CHECKPOINT_MARKER), info)  # atomic: temp file + rename
             self._prune()
         dist.barrier()
@@ -183,9 +191,9 @@ class Checkpointer:
         rank = dist.get_rank()
         mine = sorted(glob.glob(os.path.join(path, f"__{rank}_*.distcp")))
         if rank == 0:
-            mine += [os.path.join(path, n) for n in ("common.pt", "metadata.json", ".metadata") if os.path.exists(os.path.join(path, n))]
+            mine += [os.path.join(path, n) for n in ("common.pt", "metadata.json", ".metadata", CHECKPOINT_TOKENIZER) if os.path.exists(os.path.join(path, n))]
         with hashing(sum(os.path.getsize(f) for f in mine), f"checksums of {os.path.basename(path)}", disable=not self.rank0) as bar:
-            local = {os.path.basename(f): file_checksum(f, bar.update) for f in mine}
+            local = {os.path.relpath(f, path): file_checksum(f, bar.update) for f in mine}
         gathered = [None] * dist.get_world_size() if self.rank0 else None
         dist.gather_object(local, gathered, dst=0)
         if not self.rank0:
@@ -222,6 +230,28 @@ class Checkpointer:
             path = os.path.join(self.root, name)
             if STEP_DIR.match(name) and path not in complete and (latest is None or path < latest):
                 shutil.rmtree(path, ignore_errors=True)
+
+
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size", "tie_word_embeddings")
+
+
+def check_same_shape(model: dict, saved: dict, path: str) -> None:
+    """train.init_from's weights fit the configured model (else megatron fails deep in loading)."""
+    saved = {"tie_word_embeddings": True, **saved}  # checkpoints from before the field were tied
+    differ = [f"{f}={saved[f]} (model.{f} is {model[f]})" for f in SHAPE_FIELDS if saved[f] != model[f]]
+    if differ:
+        raise ConfigError(f"train.init_from {path} holds a model with {', '.join(differ)}; give the model section its shape (illada.json's \"model\", e.g. model.preset=llada-8b)")
+
+
+def _data_tokenizer(data_root: str | None) -> tuple[str, dict[str, int]] | None:
+    """The training data's tokenizer.json text and special ids (None without a tokenizer stage)."""
+    from illada.inference import load_tokenizer_ids
+
+    try:
+        tokenizer, ids = load_tokenizer_ids(data_root) if data_root else (None, None)
+    except FileNotFoundError:
+        return None
+    return (tokenizer.to_str(), ids) if tokenizer else None
 
 
 def file_checksum(path: str, on_read=None) -> dict:

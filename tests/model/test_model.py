@@ -28,11 +28,19 @@ def test_8b_preset_has_7_62b_parameters_by_formula():
     assert n - spec_check == 32 * 2 * 4096 + 4096  # the RMSNorm weights the SPEC's check omits
 
 
+def test_released_model_presets_have_their_published_parameter_counts():
+    assert ModelConfig(preset="illada-8b").model_dump(exclude={"preset", "rope_theta"}) == ModelConfig(preset="8b").model_dump(exclude={"preset", "rope_theta"})
+    llada = ModelConfig(preset="llada-8b")
+    assert not llada.tie_word_embeddings and llada.num_query_groups == 32
+    assert abs(num_parameters(llada) - 8.02e9) / 8.02e9 < 0.005  # SPEC §1; the untied head counted
+    assert num_parameters(llada) - num_parameters(llada.model_copy(update={"tie_word_embeddings": True})) == 126464 * 4096
+
+
 def test_preset_fields_can_be_overridden_and_unknown_presets_are_listed():
     cfg = ModelConfig.model_validate({"preset": "1b", "num_layers": 4})
     assert (cfg.num_layers, cfg.hidden_size, cfg.head_dim) == (4, 2048, 128)
     assert 1.0e9 < num_parameters(ModelConfig(preset="1b")) < 1.3e9
-    with pytest.raises(ValueError, match="unknown model preset '2b'; known presets: 1b, 8b, tiny"):
+    with pytest.raises(ValueError, match="unknown model preset '2b'; known presets: 1b, 8b, illada-8b, llada-8b, tiny"):
         ModelConfig(preset="2b")
 
 
@@ -81,8 +89,9 @@ def _reference(rank: int, cfg: ModelConfig):
     return result
 
 
-def test_built_model_has_the_formula_parameter_count_and_per_token_loss():
-    cfg = tiny()
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied-head"])
+def test_built_model_has_the_formula_parameter_count_and_per_token_loss(tied):
+    cfg = tiny(tie_word_embeddings=tied)
     [(count, _, logits, loss)] = run_distributed(_reference, 1, cfg)
     assert count == num_parameters(cfg)
     assert logits.shape == (BATCH, SEQ, cfg.vocab_size)

@@ -118,7 +118,8 @@ def test_checkpoint_files_are_checksummed(baseline):
 
     info = latest_info(baseline)
     path = complete_checkpoints(str(baseline / "checkpoints"))[-1]
-    assert {"common.pt", "metadata.json"} <= set(info["files"])
+    assert {"common.pt", "metadata.json", "tokenizer/tokenizer.json"} <= set(info["files"])
+    assert info["tokenizer"]["special_ids"]["mask"] == 5  # carried from the data run: sampling needs no data root
     for name, meta in info["files"].items():
         assert storage.sha256_file(os.path.join(path, name)) == meta["sha256"]
 
