@@ -301,7 +301,7 @@ def test_continued_pretraining_starts_from_the_import_and_the_lineage_names_its_
     from illada.lineage.render import text
     from illada.pipeline.runner import run_pipeline
     from illada.train.checkpoint import MARKER, complete_checkpoints
-    from pipelines.pretrain_data import STAGES
+    from illada.data.stages import PRETRAIN as STAGES
 
     config = llada_config("gqa-tied")
     weights = random_weights(config, torch.float32)
@@ -345,7 +345,7 @@ def test_sft_from_an_import_with_illadas_chat_tokens(tmp_path, ray_local):
     from illada.eval import toy_instruct
     from illada.pipeline.runner import run_pipeline
     from illada.train.checkpoint import MARKER, complete_checkpoints
-    from pipelines.sft_data import STAGES
+    from illada.data.stages import SFT as STAGES
 
     tokenizer = Tokenizer(models.WordLevel({f"{i}": i for i in range(WORDS)}, unk_token="0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
