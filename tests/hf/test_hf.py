@@ -237,7 +237,8 @@ def test_import_gives_llada_logits_and_generations(imported, layout):
 
 def test_checkpoint_is_complete_with_checksums_and_its_source(imported):
     from illada import storage
-    from illada.train.checkpoint import MARKER, files_digest
+    from illada.layout import CHECKPOINT_MARKER as MARKER
+    from illada.train.checkpoint import files_digest
 
     path = Path(imported["tp2pp2"])
     info = json.loads((path / MARKER).read_text())
@@ -300,7 +301,7 @@ def test_continued_pretraining_starts_from_the_import_and_the_lineage_names_its_
     from illada.lineage.graph import build
     from illada.lineage.render import text
     from illada.pipeline.runner import run_pipeline
-    from illada.train.checkpoint import MARKER, complete_checkpoints
+    from illada.layout import CHECKPOINT_MARKER as MARKER, complete_checkpoints
     from illada.data.stages import PRETRAIN as STAGES
 
     config = llada_config("gqa-tied")
@@ -344,7 +345,7 @@ def test_sft_from_an_import_with_illadas_chat_tokens(tmp_path, ray_local):
     from illada.data.tokenizer import SPECIAL_TOKENS
     from illada.eval import toy_instruct
     from illada.pipeline.runner import run_pipeline
-    from illada.train.checkpoint import MARKER, complete_checkpoints
+    from illada.layout import CHECKPOINT_MARKER as MARKER, complete_checkpoints
     from illada.data.stages import SFT as STAGES
 
     tokenizer = Tokenizer(models.WordLevel({f"{i}": i for i in range(WORDS)}, unk_token="0"))
