@@ -45,8 +45,8 @@ from illada.layout import CHECKPOINT_MARKER, checkpoint_info, is_complete_checkp
 from illada.tracking import tracking_uri_near
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-STAGE_ORDER = ("ingest", "dedup_exact", "dedup_fuzzy", "tokenizer", "tokenize", "pack")
-SUMMARY = ("documents", "quarantined", "documents_in", "duplicates", "near_duplicates", "documents_out", "disabled", "vocab_size", "tokens", "sequences", "seq_len")
+STAGE_ORDER = ("ingest", "filter", "dedup_exact", "dedup_fuzzy", "tokenizer", "tokenize", "pack")
+SUMMARY = ("documents", "quarantined", "documents_in", "filtered", "duplicates", "near_duplicates", "documents_out", "disabled", "vocab_size", "tokens", "sequences", "seq_len")
 
 
 class LineageError(UserError):

@@ -27,7 +27,7 @@ from illada.data.stages import PRETRAIN as STAGES
 from tests.conftest import TinyConfigFactory
 from tests.lineage.conftest import TRAIN, train
 
-UPSTREAM = ("ingest", "dedup_exact", "dedup_fuzzy", "tokenizer", "tokenize")
+UPSTREAM = ("ingest", "filter", "dedup_exact", "dedup_fuzzy", "tokenizer", "tokenize")
 
 
 @pytest.fixture(scope="module")
