@@ -290,6 +290,10 @@ class TrainConfig(Strict):
     random_length_fraction: float = Field(0.01, ge=0, le=1)
     bf16: bool = Field(True, description="bf16 on GPU; CPU runs in fp32.")
     log_interval: int = Field(10, gt=0)
+    eval_interval: int | None = Field(
+        None, ge=0, description="Every N steps, log val_loss: the masked-diffusion loss at fixed masks over the validation shards; 0 or None: off."
+    )
+    eval_sequences: int = Field(64, gt=0, description="Validation sequences val_loss averages over (the first of the validation shards).")
     init_from: str | None = Field(None, description="A checkpoint whose weights start this run (not its optimizer).")
     exit_after_steps: int | None = Field(
         None, gt=0, description="Stop this run after N steps with a checkpoint (to fit a scheduler's time limit); the next run resumes."
@@ -331,6 +335,8 @@ class TrainConfig(Strict):
             raise ValueError("give train.steps or train.sft.epochs, not both")
         if epochs is None and self.steps is None:
             raise ValueError("train.steps is required (for SFT, train.sft.epochs may give it instead)")
+        if self.eval_interval and self.objective == "sft":
+            raise ValueError("eval_interval applies to pre-training (the pack stage's validation shards); SFT data has no validation split")
         return self
 
 

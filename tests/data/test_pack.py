@@ -127,3 +127,27 @@ def test_manifest_lists_checksummed_zstd_shards(packed):
         assert reader.get_batch(0).num_rows > 0
         with open(url, "rb") as raw:
             assert b"\x28\xb5\x2f\xfd" in raw.read()  # zstd frame magic: buffers are zstd-compressed
+
+
+def test_eval_perplexity_defaults_to_the_validation_shards(packed, tmp_path, capsys):
+    import json
+
+    from illada.eval.cli import default_shards
+
+    config, manifests = packed
+    checkpoint = tmp_path / "checkpoints" / "step_00000001"
+    checkpoint.mkdir(parents=True)
+    info = {"step": 1, "model": {}, "files": {}, "digest": "0", "data_root": config.root}
+    (checkpoint / "illada.json").write_text(json.dumps(info))
+    validation = [f"{config.root}/{f['path']}" for f in manifests["pack"]["files"] if f["kind"] == "validation"]
+    assert validation and default_shards(str(checkpoint)) == validation
+    assert capsys.readouterr().err == ""
+
+    # Data packed without a validation split: the last training shards, with a warning.
+    root = tmp_path / "novalidation"
+    (root / "pack").mkdir(parents=True)
+    files = [f for f in manifests["pack"]["files"] if f["kind"] == "shard"]
+    (root / "pack" / "manifest.json").write_text(json.dumps({"files": files}))
+    (checkpoint / "illada.json").write_text(json.dumps(info | {"data_root": str(root)}))
+    assert default_shards(str(checkpoint)) == [f"{root}/{f['path']}" for f in reversed(files)]
+    assert "no validation shards" in capsys.readouterr().err
