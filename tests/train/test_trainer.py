@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from illada.train.checkpoint import MARKER, complete_checkpoints
+from illada.layout import CHECKPOINT_MARKER as MARKER
+from illada.layout import complete_checkpoints
 from tests.conftest import REPO
 from tests.distributed import run_distributed
 
