@@ -105,22 +105,26 @@ def first_failure(filters: list[tuple[str, BaseFilter]], doc: Document) -> tuple
 
 
 class LazyWriter:
-    """A DocumentWriter whose file is created only when the first row arrives."""
+    """A DocumentWriter whose file is created only when the first row arrives. Use as a
+    context manager; `info` is None when no row came."""
 
     def __init__(self, url: str, schema: pa.Schema):
         self.url, self.schema = url, schema
+        self.info: dict | None = None
         self._writer: DocumentWriter | None = None
+
+    def __enter__(self) -> LazyWriter:
+        return self
 
     def write(self, **row) -> None:
         if self._writer is None:
             self._writer = DocumentWriter(self.url, schema=self.schema).__enter__()
         self._writer.write(**row)
 
-    def close(self) -> dict | None:
-        if self._writer is None:
-            return None
-        self._writer.__exit__(None, None, None)
-        return self._writer.info
+    def __exit__(self, *exc) -> None:
+        if self._writer is not None:
+            self._writer.__exit__(*exc)
+            self.info = self._writer.info
 
 
 def filter_task(spec: dict) -> dict:
@@ -129,8 +133,7 @@ def filter_task(spec: dict) -> dict:
     by_filter: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
     documents_in = 0
-    removed = LazyWriter(spec["filtered_url"], FILTERED_SCHEMA)
-    with DocumentWriter(spec["out_url"]) as kept:
+    with DocumentWriter(spec["out_url"]) as kept, LazyWriter(spec["filtered_url"], FILTERED_SCHEMA) as removed:
         for batch in iter_batches(spec["docs_url"]):
             for row in batch.to_pylist():
                 documents_in += 1
@@ -145,9 +148,8 @@ def filter_task(spec: dict) -> dict:
                 by_reason[f"{name}/{reason}"] += 1
                 removed.write(id=row["id"], source=row["source"], filter=name, reason=reason, text=row["text"], metadata=metadata)
     result = {"source": spec["source"], "documents_in": documents_in, "by_filter": dict(by_filter), "by_reason": dict(by_reason), "docs": kept.info}
-    filtered = removed.close()
-    if filtered:
-        result["filtered"] = filtered
+    if removed.info:
+        result["filtered"] = removed.info
     return result
 
 
