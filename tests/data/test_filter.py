@@ -5,6 +5,7 @@ from illada.data.documents import read_table
 from illada.data.stages import PRETRAIN
 from illada.lineage.pipeline import stage_metrics
 from illada.pipeline.runner import run_pipeline
+from illada.tracking import open_store
 from tests.helpers import make_config, write_jsonl
 
 UPTO_FILTER = PRETRAIN[:2]
@@ -72,6 +73,11 @@ def test_failing_documents_are_set_aside_with_the_filter_and_reason(tmp_path, ra
     metrics = stage_metrics(manifest)
     assert metrics["filtered_by_filter.language"] == 1 and metrics["filtered_by_filter.gopher_repetition"] == 1
     assert metrics["sources.web.by_filter.gopher_quality"] == 1
+    # ... and the pipeline run's nested MLflow run of the filter stage has them
+    client, experiment_id = open_store(config)
+    (pipeline,) = client.search_runs([experiment_id], f"tags.`illada.kind` = 'pipeline' and tags.`illada.root` = '{config.root}'")
+    (stage,) = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{pipeline.info.run_id}' and tags.`illada.stage` = 'filter'")
+    assert stage.data.metrics["filtered_by_filter.language"] == 1 and stage.data.metrics["sources.web.by_filter.gopher_repetition"] == 1
 
     # dedup_exact reads the filter stage's documents, not ingest's
     manifests = run_pipeline(config, PRETRAIN[:3])
