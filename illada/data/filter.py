@@ -157,8 +157,6 @@ def run_filter(ctx: StageContext) -> dict:
     data = ctx.config.data
     sources = {s.name: s for s in data.sources}
     plans = {name: data.filter.for_source(source) for name, source in sources.items()}
-    for name, filters in plans.items():  # a bad keyword fails here, before any task starts
-        build_filters(filters, data.filter, _languages(sources[name], data.filter))
     docs = ctx.input_files("ingest", "documents")
     specs = {
         f"{i:06d}": {
@@ -212,7 +210,11 @@ def _manifest_body(ctx: StageContext, docs: list[dict], specs: dict, results: di
 
 
 def _identity(config: Config) -> dict:
+    """The filter config per source. Building the filters here makes a wrong argument fail
+    before the runner clears the stage's previous output."""
     data = config.data
+    for source in data.sources:
+        build_filters(data.filter.for_source(source), data.filter, _languages(source, data.filter))
     return {
         "filter": data.filter.model_dump(mode="json"),
         "sources": {s.name: {"filters": data.filter.for_source(s), "languages": _languages(s, data.filter)} for s in data.sources},

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from illada.config import ConfigError
@@ -97,15 +99,14 @@ def test_a_non_english_document_is_dropped_by_the_language_filter(tmp_path, ray_
     assert manifest["stats"]["filtered"] == 0
 
 
-def test_a_wrong_filter_argument_is_a_config_error(tmp_path, ray_local):
+def test_a_wrong_filter_argument_is_a_config_error_that_keeps_the_previous_output(tmp_path, ray_local):
     write_jsonl(tmp_path / "web.jsonl", [{"text": ENGLISH[0]}])
-    config = make_config(
-        tmp_path / "run",
-        [{"name": "web", "paths": [str(tmp_path / "web.jsonl")], "weight": 1}],
-        ["data.filter.filters=[gopher_quality]", "data.filter.params.gopher_quality.min_words=3"],
-    )
+    sources = [{"name": "web", "paths": [str(tmp_path / "web.jsonl")], "weight": 1}]
+    before = run_pipeline(make_config(tmp_path / "run", sources, ["data.filter.filters=[gopher_quality]"]), UPTO_FILTER)["filter"]
+    config = make_config(tmp_path / "run", sources, ["data.filter.filters=[gopher_quality]", "data.filter.params.gopher_quality.min_words=3"])
     with pytest.raises(ConfigError, match="data.filter.params.gopher_quality: .*min_words"):
         run_pipeline(config, UPTO_FILTER)
+    assert json.loads((tmp_path / "run" / "filter" / "manifest.json").read_text())["digest"] == before["digest"]
 
 
 def test_conversations_are_not_filtered(tmp_path):
