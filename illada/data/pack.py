@@ -10,7 +10,8 @@ A validation split is held out per source, by document: a document whose hash of
 id) falls in the lowest `validation_fraction` of the hash range is packed, whole, into the
 validation shards (`validation/<source>/`, kind "validation" in the manifest) and never
 into the training shards (`shards/<source>/`, kind "shard"). The choice depends on the
-document alone, so it does not move when files are split differently or re-run.
+source and document id alone (ids are `id_field` values, or ingest's file:line), so a
+re-run holds out the same documents.
 """
 
 from __future__ import annotations
