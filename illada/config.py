@@ -62,6 +62,24 @@ class RayConfig(Strict):
 # --- data pipeline --------------------------------------------------------------------
 
 
+FilterName = Literal["language", "gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality"]
+
+
+class FilterConfig(Strict):
+    """The filter stage: datatrove's quality filters and a language filter (py3langid's
+    bundled model), run in the listed order; a document is dropped by the first that fails."""
+
+    filters: list[FilterName] = Field([], description="Filters for every source, in order (a source's own `filters` replaces this); empty: documents pass unfiltered.")
+    languages: list[str] = Field(["en"], min_length=1, description="ISO 639-1 codes the language filter keeps.")
+    min_language_score: float = Field(0.65, ge=0, le=1, description="The language filter drops a document whose top language's probability is lower.")
+    params: dict[FilterName, dict[str, Any]] = Field(
+        {}, description="Keyword arguments for a datatrove filter's constructor, e.g. {gopher_quality: {min_doc_words: 20}}."
+    )
+
+    def for_source(self, source: SourceConfig) -> list[str]:
+        return list(self.filters if source.filters is None else source.filters)
+
+
 class SourceConfig(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     paths: list[str] = Field(min_length=1, description="Files, directories or globs; local or s3://.")
@@ -72,6 +90,8 @@ class SourceConfig(Strict):
     text_field: str = "text"
     messages_field: str = Field("messages", description="chat sources: the field holding [{role, content}, ...].")
     id_field: str | None = None
+    filters: list[FilterName] | None = Field(None, description="Quality/language filters for this source, in order; None: data.filter.filters.")
+    languages: list[str] | None = Field(None, description="The language filter's accepted languages for this source; None: data.filter.languages.")
 
     @field_validator("paths")
     @classmethod
@@ -181,6 +201,9 @@ class PackConfig(Strict):
     seq_len: int = Field(8192, gt=1)
     sequences_per_shard: int = Field(4096, gt=0)
     zstd_level: int = Field(3, ge=1, le=22)
+    validation_fraction: float = Field(
+        0.01, ge=0, lt=1, description="Documents held out per source as validation shards (pack/validation/), chosen by a hash of the document id."
+    )
 
 
 class SFTDataConfig(Strict):
@@ -212,6 +235,7 @@ class DataConfig(Strict):
     )
     sources: list[SourceConfig] = Field(min_length=1)
     ingest: IngestConfig = IngestConfig()
+    filter: FilterConfig = FilterConfig()
     dedup: DedupConfig = DedupConfig()
     decontaminate: DecontaminateConfig = DecontaminateConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -235,6 +259,8 @@ class DataConfig(Strict):
             if sft != (source.format == "chat"):
                 fix = "set its format: chat" if sft else "set data.kind: sft to build SFT data from conversations"
                 raise ValueError(f"sources.{i} ({source.name!r}) has format {source.format!r} but data.kind is {self.kind!r}: {fix}")
+        if sft and any(self.filter.for_source(s) for s in self.sources):
+            raise ValueError("the filter stage does not filter conversations (data.kind sft): remove data.filter.filters and the sources' filters")
         if sft and self.tokenizer.path is None:
             raise ValueError(
                 "data.kind sft needs tokenizer.path: the pre-training run's tokenizer.json "
@@ -314,6 +340,10 @@ class TrainConfig(Strict):
     random_length_fraction: float = Field(0.01, ge=0, le=1)
     bf16: bool = Field(True, description="bf16 on GPU; CPU runs in fp32.")
     log_interval: int = Field(10, gt=0)
+    eval_interval: int | None = Field(
+        None, ge=0, description="Every N steps, log val_loss: the masked-diffusion loss at fixed masks over the validation shards; 0 or None: off."
+    )
+    eval_sequences: int = Field(64, gt=0, description="Validation sequences val_loss averages over (the first of the validation shards).")
     init_from: str | None = Field(None, description="A checkpoint whose weights start this run (not its optimizer).")
     exit_after_steps: int | None = Field(
         None, gt=0, description="Stop this run after N steps with a checkpoint (to fit a scheduler's time limit); the next run resumes."
@@ -343,6 +373,8 @@ class TrainConfig(Strict):
             raise ValueError("give train.steps or train.sft.epochs, not both")
         if epochs is None and self.steps is None:
             raise ValueError("train.steps is required (for SFT, train.sft.epochs may give it instead)")
+        if self.eval_interval and self.objective == "sft":
+            raise ValueError("eval_interval applies to pre-training (the pack stage's validation shards); SFT data has no validation split")
         return self
 
     @model_validator(mode="after")

@@ -9,6 +9,8 @@ Stage outputs, under a run root:
     <root>/<stage>/manifest.json     written last: the stage's files, stats and digest
     <root>/<stage>/_fingerprint.json what the outputs were made from
     <root>/<stage>/...               the stage's own files (illada.pipeline.stage)
+    <root>/pack/shards/<source>/     training shards (kind "shard" in the pack manifest)
+    <root>/pack/validation/<source>/ validation shards (kind "validation")
 
 Checkpoints, under train.checkpoint.dir (default <root>/checkpoints):
 
@@ -54,6 +56,18 @@ def stage_dir(root: str, stage: str) -> str:
 
 def manifest_url(root: str, stage: str) -> str:
     return storage.join(root, stage, MANIFEST)
+
+
+TRAINING_SHARDS = "shard"  # the pack manifest's kinds of files: training shards
+VALIDATION_SHARDS = "validation"  # and the held-out validation shards
+
+
+def pack_shards(root: str, kind: str) -> list[str]:
+    """URLs of the pack stage's shards of one kind, in the manifest's (path) order."""
+    manifest = read_manifest(root, "pack")
+    if manifest is None:
+        raise UserError(f"no pack manifest at {manifest_url(root, 'pack')}: run the data pipeline first (illada pipeline run CONFIG)")
+    return [storage.join(root, f["path"]) for f in manifest["files"] if f.get("kind") == kind]
 
 
 def read_manifest(root: str, stage: str) -> dict | None:

@@ -174,13 +174,15 @@ def tiny_config_factory():
 
 @pytest.fixture(scope="session")
 def train_data_root(tmp_path_factory, ray_local) -> str:
-    """A data-pipeline run over the tiny sources (64-token sequences, 30 documents each), made
-    once per session: its `pack/` is what training tests read (train.data_root)."""
+    """A data-pipeline run over the tiny sources (64-token sequences, 30 documents each, a
+    quarter held out for validation), made once per session: its `pack/` is what training
+    tests read (train.data_root)."""
     from illada.pipeline.runner import run_pipeline
     from illada.data.stages import PRETRAIN as STAGES
 
     tmp = tmp_path_factory.mktemp("train-data")
-    run_pipeline(TinyConfigFactory()(str(tmp / "run"), str(tmp / "raw"), docs_per_source=30), STAGES)
+    config = TinyConfigFactory()(str(tmp / "run"), str(tmp / "raw"), ["data.pack.validation_fraction=0.25"], docs_per_source=30)
+    run_pipeline(config, STAGES)
     return str(tmp / "run")
 
 

@@ -19,7 +19,7 @@ from illada import storage
 from illada.cli import main
 from tests.ray_cluster import VENV_BIN, RayStartError, start_cluster
 
-STAGE_NAMES = ["ingest", "dedup_exact", "dedup_fuzzy", "decontaminate", "tokenizer", "tokenize", "pack"]
+STAGE_NAMES = ["ingest", "filter", "dedup_exact", "dedup_fuzzy", "decontaminate", "tokenizer", "tokenize", "pack"]
 
 
 @pytest.fixture(scope="module")

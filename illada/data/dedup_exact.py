@@ -1,4 +1,4 @@
-"""Stage 2, dedup-exact: drop documents whose text is byte-identical to an earlier one.
+"""Stage 3, dedup-exact: drop documents whose text is byte-identical to an earlier one.
 
 A map-reduce over hash partitions, so no task holds more than 1/num_partitions of the
 corpus's hashes and none holds texts from other files:
@@ -98,7 +98,7 @@ def _write_parquet(table: pa.Table, url: str, row_group_size: int | None = None)
 
 
 def run_dedup_exact(ctx: StageContext) -> dict:
-    docs = ctx.input_files("ingest", "documents")
+    docs = ctx.input_files("filter", "documents")
     cfg = ctx.config.data.dedup.exact
     if not cfg.enabled:
         return passthrough(docs, ctx.stage)
@@ -168,7 +168,7 @@ def passthrough(files: list[dict], stage: str) -> dict:
 
 STAGE = Stage(
     name="dedup_exact",
-    inputs=("ingest",),
+    inputs=("filter",),
     run=run_dedup_exact,
     identity=lambda config: config.data.dedup.exact.model_dump(mode="json"),
     description="Drop byte-identical documents across all sources (hash-partitioned on Ray).",

@@ -5,6 +5,13 @@ a document may run across sequences. Each tokens file is packed by its own task;
 tokens left over at its end (fewer than seq_len) go to a remainder file, and a final task
 per source packs the remainders in order and pads the very last sequence. So only one
 sequence per source is padded, and no token is dropped.
+
+A validation split is held out per source, by document: a document whose hash of (source,
+id) falls in the lowest `validation_fraction` of the hash range is packed, whole, into the
+validation shards (`validation/<source>/`, kind "validation" in the manifest) and never
+into the training shards (`shards/<source>/`, kind "shard"). The choice depends on the
+source and document id alone (ids are `id_field` values, or ingest's file:line), so a
+re-run holds out the same documents.
 """
 
 from __future__ import annotations
@@ -13,16 +20,27 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 
 from illada import storage
 from illada.config import ConfigError, PackConfig
 from illada.data.documents import DocumentWriter, iter_batches, read_table
 from illada.data.shards import ShardWriter
+from illada.layout import TRAINING_SHARDS, VALIDATION_SHARDS
 from illada.pipeline.stage import Stage, StageContext, file_entry
 
 REMAINDER_SCHEMA = pa.schema([("id", pa.string()), ("tokens", pa.large_list(pa.int32()))])
 
 Piece = tuple[str, np.ndarray]  # (document id, tokens), end-of-text already appended if the document ends here
+
+# split -> (folder under pack/, manifest kind)
+SPLITS = {"train": ("shards", TRAINING_SHARDS), "validation": ("validation", VALIDATION_SHARDS)}
+
+
+def is_validation(source: str, doc_id: str, fraction: float) -> bool:
+    """Whether a document is held out for validation: its (source, id) hash is below
+    `fraction` of the 64-bit range."""
+    return xxhash.xxh3_64_intdigest(f"{source}\x00{doc_id}".encode()) < fraction * 2**64
 
 
 class Packer:
@@ -74,21 +92,29 @@ def _document_pieces(url: str, eot_id: int) -> Iterator[Piece]:
 
 
 def pack_task(spec: dict) -> dict:
+    """Pack one tokens file into training and validation shards; leave each split's
+    unfinished sequence in its remainder file."""
     cfg = PackConfig.model_validate(spec["pack"])
-    packer = Packer(cfg.seq_len)
-    writer = ShardWriter(spec["shard_prefix"], cfg.seq_len, cfg.sequences_per_shard, cfg.zstd_level)
-    for tokens, ends, ids in packer.feed(_document_pieces(spec["tokens_url"], spec["eot_id"])):
-        writer.write(tokens, ends, ids, spec["source"])
-    shards = writer.close()
-    remainder = packer.remainder()
-    with DocumentWriter(spec["remainder_url"], schema=REMAINDER_SCHEMA) as rest:
-        for doc_id, tokens in remainder:
-            rest.write(id=doc_id, tokens=tokens)
-    return {"source": spec["source"], "documents": spec["documents"], "shards": shards, "remainder_tokens": int(sum(len(t) for _, t in remainder))}
+    packers = {split: Packer(cfg.seq_len) for split in SPLITS}
+    writers = {split: ShardWriter(spec["shard_prefix"][split], cfg.seq_len, cfg.sequences_per_shard, cfg.zstd_level) for split in SPLITS}
+    documents = dict.fromkeys(SPLITS, 0)
+    for doc_id, tokens in _document_pieces(spec["tokens_url"], spec["eot_id"]):
+        split = "validation" if is_validation(spec["source"], doc_id, cfg.validation_fraction) else "train"
+        documents[split] += 1
+        for sequence, ends, ids in packers[split].feed([(doc_id, tokens)]):
+            writers[split].write(sequence, ends, ids, spec["source"])
+    out = {"source": spec["source"], "splits": {}}
+    for split in SPLITS:
+        remainder = packers[split].remainder()
+        with DocumentWriter(spec["remainder_url"][split], schema=REMAINDER_SCHEMA) as rest:
+            for doc_id, tokens in remainder:
+                rest.write(id=doc_id, tokens=tokens)
+        out["splits"][split] = {"documents": documents[split], "shards": writers[split].close(), "remainder_tokens": int(sum(len(t) for _, t in remainder))}
+    return out
 
 
 def tail_task(spec: dict) -> dict:
-    """Pack one source's remainders, in task order, and pad the last sequence."""
+    """Pack one source's remainders of one split, in task order, and pad the last sequence."""
     cfg = PackConfig.model_validate(spec["pack"])
     packer = Packer(cfg.seq_len)
     writer = ShardWriter(spec["shard_prefix"], cfg.seq_len, cfg.sequences_per_shard, cfg.zstd_level)
@@ -101,7 +127,7 @@ def tail_task(spec: dict) -> dict:
     if last is not None:
         tokens, ends, ids, pad = last
         writer.write(tokens, ends, ids, spec["source"], pad=pad)
-    return {"source": spec["source"], "shards": writer.close()}
+    return {"source": spec["source"], "splits": {spec["split"]: {"documents": 0, "shards": writer.close()}}}
 
 
 def run_pack(ctx: StageContext) -> dict:
@@ -114,26 +140,27 @@ def run_pack(ctx: StageContext) -> dict:
         specs[tid] = {
             "tokens_url": ctx.absolute(f["path"]),
             "source": f["source"],
-            "documents": f["rows"],
-            "shard_prefix": ctx.path("shards", f["source"], tid),
-            "remainder_url": ctx.path("_remainder", f["source"], f"{tid}.parquet"),
+            "shard_prefix": {split: ctx.path(folder, f["source"], tid) for split, (folder, _) in SPLITS.items()},
+            "remainder_url": {split: ctx.path(f"_remainder_{split}", f["source"], f"{tid}.parquet") for split in SPLITS},
             "eot_id": special["eot"],
             "pack": cfg.model_dump(mode="json"),
         }
     packed = ctx.run_tasks("pack", pack_task, specs)
     sources = sorted({s["source"] for s in specs.values()})
     tail_specs = {
-        source: {
+        f"{source}-{split}": {
             "source": source,
-            "remainders": [s["remainder_url"] for tid, s in sorted(specs.items()) if s["source"] == source],
-            "shard_prefix": ctx.path("shards", source, "tail"),
+            "split": split,
+            "remainders": [s["remainder_url"][split] for tid, s in sorted(specs.items()) if s["source"] == source],
+            "shard_prefix": ctx.path(folder, source, "tail"),
             "pad_id": special["pad"],
             "pack": cfg.model_dump(mode="json"),
         }
         for source in sources
+        for split, (folder, _) in SPLITS.items()
     }
     tails = ctx.run_tasks("tail", tail_task, tail_specs)
-    return _manifest_body(ctx, [packed[t] for t in sorted(packed)] + [tails[s] for s in sources], packed, special)
+    return _manifest_body(ctx, [packed[t] for t in sorted(packed)] + [tails[t] for t in sorted(tails)], special)
 
 
 def require_data_for_every_source(mix: dict[str, float], counts: dict[str, int], what: str) -> None:
@@ -147,26 +174,34 @@ def require_data_for_every_source(mix: dict[str, float], counts: dict[str, int],
         )
 
 
-def _manifest_body(ctx: StageContext, results: list[dict], packed: dict, special: dict) -> dict:
+def _manifest_body(ctx: StageContext, results: list[dict], special: dict) -> dict:
     files, per_source = [], {}
     for r in results:
-        s = per_source.setdefault(r["source"], {"sequences": 0, "tokens": 0, "pad_tokens": 0, "documents": 0, "shards": 0})
-        s["documents"] += r.get("documents", 0)
-        for shard in r["shards"]:
-            files.append(file_entry(ctx, shard["url"], "shard", shard["sha256"], shard["bytes"], sequences=shard["sequences"], tokens=shard["tokens"], source=r["source"]))
-            s["sequences"] += shard["sequences"]
-            s["tokens"] += shard["tokens"]
-            s["pad_tokens"] += shard["pad"]
-            s["shards"] += 1
-    require_data_for_every_source(ctx.config.data.mix(), {n: s["sequences"] for n, s in per_source.items()}, "sequences")
+        s = per_source.setdefault(r["source"], {})
+        for split, done in r["splits"].items():
+            kind = SPLITS[split][1]
+            prefix = "" if split == "train" else "validation_"
+            for key in ("sequences", "tokens", "pad_tokens", "documents", "shards"):
+                s.setdefault(prefix + key, 0)
+            s[prefix + "documents"] += done["documents"]
+            for shard in done["shards"]:
+                files.append(file_entry(ctx, shard["url"], kind, shard["sha256"], shard["bytes"], sequences=shard["sequences"], tokens=shard["tokens"], source=r["source"]))
+                s[prefix + "sequences"] += shard["sequences"]
+                s[prefix + "tokens"] += shard["tokens"]
+                s[prefix + "pad_tokens"] += shard["pad"]
+                s[prefix + "shards"] += 1
+    require_data_for_every_source(ctx.config.data.mix(), {n: s.get("sequences", 0) for n, s in per_source.items()}, "sequences")
     stats = {
         "seq_len": ctx.config.data.pack.seq_len,
         "mix": ctx.config.data.mix(),
         "special_ids": special,
         "vocab_size": ctx.inputs["tokenizer"]["stats"]["vocab_size"],
+        "validation_fraction": ctx.config.data.pack.validation_fraction,
         "sources": per_source,
         "sequences": sum(s["sequences"] for s in per_source.values()),
         "tokens": sum(s["tokens"] for s in per_source.values()),
+        "validation_sequences": sum(s["validation_sequences"] for s in per_source.values()),
+        "validation_tokens": sum(s["validation_tokens"] for s in per_source.values()),
     }
     return {"files": files, "stats": stats}
 
@@ -176,5 +211,5 @@ STAGE = Stage(
     inputs=("tokenize", "tokenizer"),
     run=run_pack,
     identity=lambda config: {"pack": config.data.pack.model_dump(mode="json"), "mix": config.data.mix()},
-    description="Pack token streams per source into fixed-length sequences; write zstd Arrow shards and a manifest.",
+    description="Pack token streams per source into fixed-length sequences, a validation split held out by document; write zstd Arrow shards and a manifest.",
 )

@@ -29,7 +29,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--threshold", type=float, default=None, help="generation tasks: Fast-dLLM threshold decoding")
     e.add_argument("--prefix-cache", action="store_true", help="generation tasks: Fast-dLLM prefix cache")
     e.add_argument("--repetition-guard", action="store_true", help="generation tasks: re-denoise blocks that fall into a repeating n-gram loop (default off, as LLaDA's evaluation)")
-    e.add_argument("--shard", default=None, help="perplexity: an .arrow shard of the pack stage (default: the pack manifest's shards, last first)")
+    e.add_argument("--shard", default=None, help="perplexity: an .arrow shard of the pack stage (default: its validation shards)")
     e.add_argument("--max-sequences", type=int, default=64, help="perplexity: at most this many sequences (default 64)")
     e.add_argument("--include-harness-tasks", action="store_true", help="also offer lm-eval's own tasks (they download hub datasets)")
     e.add_argument("--bootstrap-iters", type=int, default=0, help="harness bootstrap iterations for standard errors (default 0: none)")
@@ -81,13 +81,13 @@ def harness_model(loaded, args: argparse.Namespace):
 
 def shard_perplexity(loaded, shard: str | None, max_sequences: int, mc_num: int, batch_size: int, seed: int) -> dict:
     """The ELBO perplexity bound over up to max_sequences sequences (their padding left out)
-    of `shard`, or else of the pack manifest's shards, last first."""
+    of `shard`, or else of the pack stage's validation shards."""
     import torch
 
     from illada.data.shards import read_sequences
     from illada.eval.likelihood import perplexity
 
-    shards = [shard] if shard else _last_shards(loaded.checkpoint)
+    shards = [shard] if shard else default_shards(loaded.checkpoint)
     sequences: list[torch.Tensor] = []
     for url in shards:
         table = read_sequences(url)
@@ -98,15 +98,18 @@ def shard_perplexity(loaded, shard: str | None, max_sequences: int, mc_num: int,
     return {"shards": shards, **perplexity(loaded.model, sequences, loaded.special, mc_num=mc_num, batch_size=batch_size, generator=generator)}
 
 
-def _last_shards(checkpoint: str) -> list[str]:
-    from illada import storage
-    from illada.layout import checkpoint_info
+def default_shards(checkpoint: str) -> list[str]:
+    """The validation shards of the data the checkpoint trained on; without any (data packed
+    with validation_fraction 0), its last training shards, with a warning."""
+    from illada.layout import TRAINING_SHARDS, VALIDATION_SHARDS, checkpoint_info, pack_shards
 
     root = checkpoint_info(checkpoint).data_root
     if not root:
         from illada.config import ConfigError
 
         raise ConfigError(f"{checkpoint} was not trained here (it names no data run): give the perplexity task a held-out --shard")
-    files = storage.read_json(storage.join(root, "pack", "manifest.json"))["files"]
-    print("illada eval: perplexity over the pack manifest's last shards, which training may have read; pass --shard for a held-out one", file=sys.stderr)
-    return [storage.join(root, f["path"]) for f in reversed(files) if f["path"].endswith(".arrow")]
+    validation = pack_shards(root, VALIDATION_SHARDS)
+    if validation:
+        return validation
+    print("illada eval: the pack stage has no validation shards; perplexity over its last training shards, which training may have read", file=sys.stderr)
+    return list(reversed(pack_shards(root, TRAINING_SHARDS)))

@@ -46,9 +46,9 @@ from illada.layout import CHECKPOINT_MARKER, STEP_DIR, checkpoint_info, complete
 from illada.tracking import tracking_uri_near
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-STAGE_ORDER = ("ingest", "dedup_exact", "dedup_fuzzy", "decontaminate", "tokenizer", "tokenize", "pack")
+STAGE_ORDER = ("ingest", "filter", "dedup_exact", "dedup_fuzzy", "decontaminate", "tokenizer", "tokenize", "pack")
 SUMMARY = (
-    "documents", "quarantined", "documents_in", "duplicates", "near_duplicates", "contaminated",
+    "documents", "quarantined", "documents_in", "filtered", "duplicates", "near_duplicates", "contaminated",
     "documents_out", "disabled", "vocab_size", "tokens", "sequences", "seq_len",
 )  # fmt: skip
 

@@ -2,8 +2,9 @@
 
 A checkpoint's own count runs from the start of its training (resumed runs continue it);
 tokens seen by a checkpoint it was initialised from are reported beside it as inherited,
-so "seen in all" is everything the weights have been trained on. Below the mix: what the
-decontaminate stage of its data took out (or flagged), per benchmark.
+so "seen in all" is everything the weights have been trained on. Beside each source: the
+documents the filter stage dropped from the data it trained on, by filter. Below the mix:
+what the decontaminate stage of its data took out (or flagged), per benchmark.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class MixRow:
     tokens: int  # consumed by this checkpoint's training, resumes included
     share: float  # tokens / all its tokens
     inherited: int = 0  # through initialised-from checkpoints
+    filtered: dict[str, int] = field(default_factory=dict)  # documents dropped by each filter (the filter stage)
 
     @property
     def seen(self) -> int:
@@ -60,8 +62,9 @@ def mix_report(lineage: Lineage) -> MixReport:
     target = _target_mix(lineage, lineage.root)
     inherited, ancestors = _inherited(lineage, lineage.root)
     total = sum(tokens.values()) or 1
+    filtered = _filtered(lineage, lineage.root)
     names = sorted(set(tokens) | set(target) | set(inherited))
-    rows = [MixRow(n, target.get(n, 0.0), int(tokens.get(n, 0)), tokens.get(n, 0) / total, int(inherited.get(n, 0))) for n in names]
+    rows = [MixRow(n, target.get(n, 0.0), int(tokens.get(n, 0)), tokens.get(n, 0) / total, int(inherited.get(n, 0)), filtered.get(n, {})) for n in names]
     return MixReport(root.facts.get("path", root.label), root.facts.get("step"), rows, ancestors, _decontamination(lineage))
 
 
@@ -93,6 +96,24 @@ def _target_mix(lineage: Lineage, checkpoint_id: str) -> dict[str, float]:
     return {}
 
 
+def _filtered(lineage: Lineage, checkpoint_id: str) -> dict[str, dict[str, int]]:
+    """Per source, the documents each filter dropped, from the filter stage upstream of the
+    data this checkpoint's own run trained on (not of checkpoints it started from)."""
+    queue = [e.parent for e in lineage.parents(checkpoint_id) if e.relation in ("trained by", "trained on")]
+    seen: set[str] = set()
+    while queue:
+        node_id = queue.pop(0)
+        if node_id in seen:
+            continue
+        seen.add(node_id)
+        node = lineage.nodes[node_id]
+        if node.kind == "stage" and node.label == "filter":
+            sources = node.detail.get("stats", {}).get("sources", {})
+            return {name: dict(s.get("by_filter", {})) for name, s in sources.items()}
+        queue += [e.parent for e in lineage.parents(node_id) if e.relation not in ("initialised from", "resumed from")]
+    return {}
+
+
 def _inherited(lineage: Lineage, checkpoint_id: str) -> tuple[dict[str, int], list[str]]:
     """Tokens of the checkpoints this one was initialised from (their own inheritance too).
     A resumed-from parent's tokens are already in the child's count."""
@@ -120,6 +141,10 @@ def table(report: MixReport) -> str:
     lines.append(f"{'total':<20}{'':>8}{report.tokens:>14,}{'':>8}{'':>11}{inherited:>12,}{report.tokens + inherited:>13,}")
     if report.inherited_from:
         lines += ["", "inherited through initialisation from: " + " <- ".join(report.inherited_from)]
+    filtered = [r for r in report.rows if r.filtered]
+    if filtered:
+        lines += ["", "documents dropped by the filter stage:"]
+        lines += [f"  {r.source:<18}{sum(r.filtered.values()):>8,}  " + ", ".join(f"{k} {v:,}" for k, v in sorted(r.filtered.items())) for r in filtered]
     if report.decontamination:
         d = report.decontamination
         verb = "flagged" if d["action"] == "flag" else "removed"

@@ -1,9 +1,9 @@
 """Recording a pipeline run: one MLflow run per `run_pipeline`, one nested run per stage.
 
 A stage run has the resolved config as params, the numbers of its manifest's stats as
-metrics (documents in and out, duplicates, quarantined records by reason, tokens and
-sequences per source), its upstream manifests as input datasets and its own as the output
-dataset, each with the manifest's content digest. A stage that was up to date and skipped
+metrics (documents in and out, duplicates, quarantined records by reason, filtered
+documents by filter, tokens and sequences per source), its upstream manifests as input
+datasets and its own as the output dataset, each with the manifest's content digest. A stage that was up to date and skipped
 is logged on the pipeline run as a `reused` dataset: the lineage follows its digest to the
 stage run that made it, or to its manifest on storage.
 """
@@ -43,15 +43,21 @@ def stage_metrics(manifest: dict) -> dict[str, float]:
     """The stats' numbers, quarantined records summed by reason, and the output's size."""
     stats = manifest.get("stats", {})
     metrics = numeric_metrics(stats)
-    by_reason: dict[str, float] = {}
-    for source in stats.get("sources", {}).values():
-        if isinstance(source, dict):
-            for reason, n in (source.get("quarantined") or {}).items():
-                by_reason[reason] = by_reason.get(reason, 0) + n
-    metrics.update(numeric_metrics(by_reason, "quarantined_by_reason"))
+    for per_source, total in (("quarantined", "quarantined_by_reason"), ("by_filter", "filtered_by_filter")):
+        metrics.update(numeric_metrics(_summed_over_sources(stats, per_source), total))
     metrics["files"] = float(len(manifest.get("files", [])))
     metrics["bytes"] = float(sum(f.get("bytes", 0) for f in manifest.get("files", [])))
     return metrics
+
+
+def _summed_over_sources(stats: dict, key: str) -> dict[str, float]:
+    """A per-source count table (e.g. quarantined records by reason) summed over the sources."""
+    out: dict[str, float] = {}
+    for source in stats.get("sources", {}).values():
+        if isinstance(source, dict) and isinstance(source.get(key), dict):
+            for name, n in source[key].items():
+                out[name] = out.get(name, 0) + n
+    return out
 
 
 class PipelineRecorder:

@@ -24,6 +24,7 @@ import pyarrow as pa
 from illada import storage
 from illada.config import ConfigError
 from illada.data.shards import open_shard
+from illada.layout import TRAINING_SHARDS
 
 MASK64 = (1 << 64) - 1
 
@@ -105,10 +106,12 @@ class SourceShards:
         return self.urls[shard], row - int(self.starts[shard])
 
 
-def source_shards(pack_manifest: dict, root: str) -> dict[str, SourceShards]:
+def source_shards(pack_manifest: dict, root: str, kind: str = TRAINING_SHARDS) -> dict[str, SourceShards]:
+    """The pack manifest's shards of one kind by source: training shards unless asked for
+    the validation ones."""
     by_source: dict[str, list[dict]] = {}
     for f in pack_manifest["files"]:
-        if f["kind"] == "shard":
+        if f["kind"] == kind:
             by_source.setdefault(f["source"], []).append(f)
     out = {}
     for name, files in sorted(by_source.items()):

@@ -1,4 +1,5 @@
-"""Training metrics: loss, learning rate, gradient norm, tokens/s and MFU, to the log and MLflow.
+"""Training metrics: loss, validation loss, learning rate, gradient norm, tokens/s and MFU,
+to the log and MLflow.
 
 MFU counts the FLOPs of a bidirectional model: every token attends to every other, so
 attention costs twice what a causal model's does (SPEC §5).
@@ -90,6 +91,14 @@ class MetricsLogger:
             mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
             gn = f" grad_norm {metrics['grad_norm']:.3f}" if "grad_norm" in metrics else ""
             log.info("step %d loss %.4f lr %.2e%s tokens/s %.0f%s", step, loss, lr, gn, tokens_per_s, mfu)
+
+    def log_validation(self, step: int, val_loss: float) -> None:
+        if not self.rank0:
+            return
+        import mlflow
+
+        mlflow.log_metric("val_loss", val_loss, step=step)
+        log.info("step %d val_loss %.4f", step, val_loss)
 
     def log_checkpoint(self, path: str) -> None:
         """Record a complete checkpoint (its illada.json says what it holds) as an MLflow

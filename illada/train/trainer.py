@@ -5,7 +5,8 @@ this rank's slice of the global batch is cut into micro-batches, each noised wit
 generator seeded by (seed, step, its place in the global batch) — so a resumed run, or a
 run at another parallel layout, sees the same masks — and run through megatron's pipeline
 schedule; megatron's DDP reduces the gradients and its optimizer (AdamW, clipping) steps
-under a WSD schedule.
+under a WSD schedule. Every `train.eval_interval` steps it logs val_loss, the same loss
+over fixed validation sequences at fixed masks (illada.train.validation).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from illada.progress import progress
 from illada.train import sft
 from illada.train.data import PackedData, Sequences, stable_seed
 from illada.train.metrics import MetricsLogger, flops_per_token, peak_flops
+from illada.train.validation import validation_micro_batches, validation_sequences
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,33 @@ def sum_over_data_parallel(counts: dict[str, int]) -> dict[str, int]:
     return {n: int(v) for n, v in zip(names, t.tolist())}
 
 
+def validation_batches(manifest: dict, train: TrainConfig) -> list[Batch]:
+    """This rank's micro-batches of the validation set, or none when val_loss is off."""
+    if not train.eval_interval:
+        return []
+    tokens = validation_sequences(manifest, train.data_root, train.eval_sequences)
+    mask_id = manifest["stats"]["special_ids"]["mask"]
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    return [Batch(clean, noised) for clean, noised in validation_micro_batches(tokens, train, mask_id, dp_rank, dp_size, _device())]
+
+
+def validation_loss(model, forward_backward, batches: list[Batch], train: TrainConfig) -> float:
+    """The loss over the validation micro-batches, averaged over them and the DP ranks."""
+    model.eval()
+    with torch.no_grad():
+        losses = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=len(batches),
+            seq_length=batches[0].clean.shape[1],
+            micro_batch_size=train.micro_batch_size,
+            forward_only=True,
+        )
+    model.train()
+    return global_mean_loss(losses)
+
+
 def train_loop(config: Config, on_step=None) -> TrainState:
     """Run config.train.steps steps (from the latest checkpoint if one exists); return the state."""
     from illada.train.checkpoint import Checkpointer
@@ -218,6 +247,7 @@ def train_loop(config: Config, on_step=None) -> TrainState:
     mask_id = manifest["stats"]["special_ids"]["mask"]
     metrics = MetricsLogger(config, flops_per_token(model_cfg, seq_len), peak_flops(), data_manifest=manifest, mix=mix, parent=checkpointer.parent)
     forward_backward = get_forward_backward_func()
+    val_batches = validation_batches(manifest, train)
     last_step = min(train.steps, state.step + (train.exit_after_steps or train.steps))
     bar = progress(last_step, f"train {config.name}", unit="step", initial=state.step, disable=dist.get_rank() != 0)
     with recorded(metrics), bar:  # the MLflow run ends FINISHED, FAILED or KILLED, never left RUNNING
@@ -253,6 +283,8 @@ def train_loop(config: Config, on_step=None) -> TrainState:
             metrics.log_step(state.step, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, train.global_batch_size * seq_len, seconds, state.tokens_per_source)
             bar.set_postfix_str(f"loss {loss:.4f}, {train.global_batch_size * seq_len / seconds:,.0f} tokens/s", refresh=False)
             bar.update(1)
+            if val_batches and state.step % train.eval_interval == 0:
+                metrics.log_validation(state.step, validation_loss(model, forward_backward, val_batches, train))
             if on_step:
                 on_step(state.step, loss)
             if state.step % train.checkpoint.interval == 0 or state.step == last_step:

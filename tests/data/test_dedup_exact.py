@@ -3,7 +3,7 @@ from illada.pipeline.runner import run_pipeline
 from illada.data.stages import PRETRAIN as STAGES
 from tests.helpers import make_config, write_jsonl
 
-UPTO_DEDUP = STAGES[:2]
+UPTO_DEDUP = STAGES[:3]
 
 
 def docs_of(root, manifest) -> list[dict]:

@@ -19,8 +19,8 @@ from illada.pipeline.stage import StageContext
 from illada.data.stages import PRETRAIN as STAGES
 from tests.helpers import make_config, write_jsonl
 
-UPTO_FUZZY = STAGES[:3]
-assert [s.name for s in UPTO_FUZZY] == ["ingest", "dedup_exact", "dedup_fuzzy"]
+UPTO_FUZZY = STAGES[: [s.name for s in STAGES].index("dedup_fuzzy") + 1]
+assert [s.name for s in UPTO_FUZZY] == ["ingest", "filter", "dedup_exact", "dedup_fuzzy"]
 
 
 # --- connected components ---------------------------------------------------------------

@@ -16,7 +16,7 @@ from tests.data.near_duplicate_corpus import build, jaccard, planted_chain, qual
 from tests.data.test_dedup_fuzzy import output_ids
 from tests.helpers import make_config, write_jsonl
 
-UPTO_FUZZY = STAGES[:3]
+UPTO_FUZZY = STAGES[: [s.name for s in STAGES].index("dedup_fuzzy") + 1]
 
 
 # --- stop_chains against a plain sequential rendering of the rule -------------------------

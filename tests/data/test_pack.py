@@ -53,8 +53,13 @@ def packed(tmp_path_factory, ray_local):
     config = make_config(
         tmp / "run",
         [{"name": "a", "paths": [str(tmp / "a")], "weight": 2}, {"name": "b", "paths": [str(tmp / "b" / "*.zst")], "weight": 1}],
+        ["data.pack.validation_fraction=0.25"],
     )
     return config, run_pipeline(config, STAGES)
+
+
+def rows_of(root, files: list[dict]) -> list[dict]:
+    return [r for f in files for r in read_sequences(f"{root}/{f['path']}").to_pylist()]
 
 
 def test_shards_hold_every_token_of_every_document_per_source(packed):
@@ -67,16 +72,42 @@ def test_shards_hold_every_token_of_every_document_per_source(packed):
             if f["source"] == source:
                 docs += read_table(f"{config.root}/{f['path']}").to_pylist()
         expected = np.concatenate([np.array(d["tokens"] + [special["eot"]], dtype=np.int32) for d in docs])
-        shards = [f for f in pack["files"] if f["source"] == source]
-        tables = [read_sequences(f"{config.root}/{f['path']}") for f in shards]
-        rows = [r for t in tables for r in t.to_pylist()]
-        assert all(len(r["tokens"]) == 32 and r["source"] == source for r in rows)
-        assert sum(r["pad"] > 0 for r in rows) <= 1  # only the very last sequence of a source is padded
-        stream = np.concatenate([np.array(r["tokens"][: 32 - r["pad"]], dtype=np.int32) for r in rows])
+        streams, s = [], pack["stats"]["sources"][source]
+        for kind, prefix in (("shard", ""), ("validation", "validation_")):
+            rows = rows_of(config.root, [f for f in pack["files"] if f["source"] == source and f["kind"] == kind])
+            assert all(len(r["tokens"]) == 32 and r["source"] == source for r in rows)
+            assert sum(r["pad"] > 0 for r in rows) <= 1  # only the very last sequence of a split is padded
+            streams += [np.array(r["tokens"][: 32 - r["pad"]], dtype=np.int32) for r in rows]
+            assert s[prefix + "sequences"] == len(rows)
+        stream = np.concatenate(streams)
         assert np.array_equal(np.sort(stream), np.sort(expected)) and len(stream) == len(expected)
-        s = pack["stats"]["sources"][source]
-        assert s["tokens"] == len(expected) == tokenize["stats"]["sources"][source]["tokens"] + len(docs)
-        assert s["documents"] == len(docs) and s["sequences"] == len(rows)
+        assert s["tokens"] + s["validation_tokens"] == len(expected) == tokenize["stats"]["sources"][source]["tokens"] + len(docs)
+        assert s["documents"] + s["validation_documents"] == len(docs)
+
+
+def test_validation_shards_are_disjoint_from_training_shards_by_document(packed):
+    config, manifests = packed
+    pack, tokenize = manifests["pack"], manifests["tokenize"]
+    all_ids = {(f["source"], d) for f in tokenize["files"] for d in read_table(f"{config.root}/{f['path']}").column("id").to_pylist()}
+    ids = {}
+    for kind in ("shard", "validation"):
+        files = [f for f in pack["files"] if f["kind"] == kind]
+        assert all(f["path"].startswith(f"pack/{'shards' if kind == 'shard' else 'validation'}/{f['source']}/") for f in files)
+        ids[kind] = {(r["source"], d) for r in rows_of(config.root, files) for d in r["doc_ids"]}
+    assert not ids["shard"] & ids["validation"]  # no document is split between them
+    assert ids["shard"] | ids["validation"] == all_ids
+    assert 0.1 < len(ids["validation"]) / len(all_ids) < 0.4  # validation_fraction=0.25 of 93 documents
+    assert pack["stats"]["validation_sequences"] == sum(f["sequences"] for f in pack["files"] if f["kind"] == "validation") > 0
+
+
+def test_the_training_reader_reads_only_training_shards(packed):
+    from illada.train.data import PackedData
+
+    config, manifests = packed
+    data = PackedData(manifests["pack"], config.root, {"a": 2, "b": 1}, seed=0)
+    urls = {url for s in data.sources.values() for url in s.urls}
+    assert urls == {f"{config.root}/{f['path']}" for f in manifests["pack"]["files"] if f["kind"] == "shard"}
+    assert sum(s.size for s in data.sources.values()) == manifests["pack"]["stats"]["sequences"]
 
 
 def test_manifest_lists_checksummed_zstd_shards(packed):
@@ -108,3 +139,27 @@ def test_a_source_emptied_by_dedup_is_an_error_not_a_weight_without_data(tmp_pat
     with pytest.raises(ConfigError, match="source.s. 'copy' have no sequences left"):
         run_pipeline(make_config(tmp_path / "run", sources), STAGES)
     assert not (tmp_path / "run" / "pack" / "manifest.json").exists()
+
+
+def test_eval_perplexity_defaults_to_the_validation_shards(packed, tmp_path, capsys):
+    import json
+
+    from illada.eval.cli import default_shards
+
+    config, manifests = packed
+    checkpoint = tmp_path / "checkpoints" / "step_00000001"
+    checkpoint.mkdir(parents=True)
+    info = {"step": 1, "model": {}, "files": {}, "digest": "0", "data_root": config.root}
+    (checkpoint / "illada.json").write_text(json.dumps(info))
+    validation = [f"{config.root}/{f['path']}" for f in manifests["pack"]["files"] if f["kind"] == "validation"]
+    assert validation and default_shards(str(checkpoint)) == validation
+    assert capsys.readouterr().err == ""
+
+    # Data packed without a validation split: the last training shards, with a warning.
+    root = tmp_path / "novalidation"
+    (root / "pack").mkdir(parents=True)
+    files = [f for f in manifests["pack"]["files"] if f["kind"] == "shard"]
+    (root / "pack" / "manifest.json").write_text(json.dumps({"files": files}))
+    (checkpoint / "illada.json").write_text(json.dumps(info | {"data_root": str(root)}))
+    assert default_shards(str(checkpoint)) == [f"{root}/{f['path']}" for f in reversed(files)]
+    assert "no validation shards" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from illada.data.stages import PRETRAIN as STAGES
 from tests.conftest import TinyConfigFactory, tiny_docs
 from tests.lineage.conftest import TRAIN, train
 
-UPSTREAM = ("ingest", "dedup_exact", "dedup_fuzzy", "decontaminate", "tokenizer", "tokenize")
+UPSTREAM = ("ingest", "filter", "dedup_exact", "dedup_fuzzy", "decontaminate", "tokenizer", "tokenize")
 PLANTED = " ".join(tiny_docs("alpha", 6)[2]["text"].split()[3:16])
 
 
@@ -117,7 +117,8 @@ def test_show_lists_every_link_back_to_the_raw_data(chain, capsys):
         assert stage.facts["digest"] == chain.first[name]["digest"] == chain.second[name]["digest"]
         assert stage.facts["pipeline run"] == first_run
     assert {n.label for n in linked(lineage, pack, "input")} == {"tokenize", "tokenizer"}
-    assert {n.label for n in linked(lineage, node(lineage, "stage", "dedup_exact"), "input")} == {"ingest"}
+    assert {n.label for n in linked(lineage, node(lineage, "stage", "dedup_exact"), "input")} == {"filter"}
+    assert {n.label for n in linked(lineage, node(lineage, "stage", "filter"), "input")} == {"ingest"}
     assert node(lineage, "stage", "ingest").facts["documents"] == 14
     assert node(lineage, "stage", "dedup_exact").facts["duplicates"] == 2
     planted = planted_docs()

@@ -4,6 +4,7 @@ digests, where a record is looked up, and drawing a graph."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
@@ -118,3 +119,15 @@ def test_mix_counts_only_initialised_from_ancestors_as_inherited():
     assert rows["a"].share == pytest.approx(0.75) and rows["a"].target == 0.75
     assert report.inherited_from == ["/r/A/step_5"]
     assert "total" in mix.table(report)
+
+
+def test_mix_reports_documents_dropped_by_the_filter_stage_of_its_own_data():
+    g = small_lineage()
+    filter_stats = {"sources": {"a": {"by_filter": {"language": 4, "gopher_quality": 1}}, "b": {"by_filter": {}}}}
+    g.add(Node("stage:tokenize:1", "stage", "tokenize", {}))
+    g.add(Node("stage:filter:1", "stage", "filter", {}, detail={"stats": filter_stats}))
+    g.edges += [Edge("stage:pack:1", "stage:tokenize:1", "input"), Edge("stage:tokenize:1", "stage:filter:1", "input")]
+    report = mix.mix_report(g)
+    assert {r.source: r.filtered for r in report.rows} == {"a": {"language": 4, "gopher_quality": 1}, "b": {}}
+    assert "a                        5  gopher_quality 1, language 4" in mix.table(report)
+    assert json.loads(mix.as_json(report))["rows"][0]["filtered"] == {"language": 4, "gopher_quality": 1}

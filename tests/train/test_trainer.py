@@ -24,6 +24,8 @@ TRAIN = {
     "global_batch_size": 8,
     "micro_batch_size": 2,
     "log_interval": 1,
+    "eval_interval": 2,
+    "eval_sequences": 8,
     "random_length_fraction": 0.25,
     "optim": {"lr": 3e-3, "warmup_steps": 1, "decay_steps": 2},
     "checkpoint": {"interval": 2, "keep_last": 2},
@@ -42,6 +44,8 @@ def train(tmp_path: Path, name: str, data_root: str, nproc: int, *overrides: str
     cmd = [sys.executable, "-m", "illada.cli", "train", str(config_path), *overrides, "--nproc-per-node", str(nproc)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    with open(root / "train.log", "a") as log:
+        log.write(done.stdout + done.stderr)
     return root
 
 
@@ -50,15 +54,15 @@ def experiment(root: Path) -> str:
     return "train-" + hashlib.sha256(str(root).encode()).hexdigest()[:12]
 
 
-def losses(root: Path) -> dict[int, float]:
-    """Every step's loss over all of this root's training runs (resumed runs continue)."""
+def losses(root: Path, metric: str = "loss") -> dict[int, float]:
+    """Every step's loss (or another metric) over all of this root's training runs (resumed runs continue)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     out = {}
     exp = client.get_experiment_by_name(f"illada/{experiment(root)}")
     for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]):
-        out.update({m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")})
+        out.update({m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)})
     return dict(sorted(out.items()))
 
 
@@ -94,6 +98,32 @@ def test_loss_curve_is_the_same_at_every_parallel_layout(layout_runs):
     for name, root in layout_runs.items():
         assert losses(root) == pytest.approx(expected, rel=1e-4), name
         assert latest_info(root)["parent"].endswith("step_00000002")
+
+
+def test_validation_loss_is_the_loss_of_the_checkpoint_on_fixed_validation_masks(baseline, layout_runs, train_data_root):
+    import torch.nn.functional as F
+
+    from illada.config import TrainConfig
+    from illada.inference import load_for_inference
+    from illada.objective import diffusion_loss
+    from illada.train.validation import validation_micro_batches, validation_sequences
+
+    val = losses(baseline, "val_loss")
+    assert list(val) == [2, 4]  # every train.eval_interval steps
+    assert "step 4 val_loss" in (baseline / "train.log").read_text()
+    for name, root in layout_runs.items():  # the masks do not depend on the layout
+        assert losses(root, "val_loss") == pytest.approx(losses(layout_runs["dp1"], "val_loss"), rel=1e-4), name
+
+    # An independent evaluation: the step-4 checkpoint's plain forward pass on the same masked sequences.
+    loaded = load_for_inference(str(baseline / "checkpoints"))
+    manifest = json.loads((Path(train_data_root) / "pack" / "manifest.json").read_text())
+    tokens = validation_sequences(manifest, train_data_root, TRAIN["eval_sequences"])
+    train_config = TrainConfig(**TRAIN, data_root=train_data_root)
+    per_batch = []
+    for clean, noised in validation_micro_batches(tokens, train_config, manifest["stats"]["special_ids"]["mask"], 0, 1, "cpu"):
+        logits = loaded.model(noised.tokens).float()
+        per_batch.append(diffusion_loss(F.cross_entropy(logits.transpose(1, 2), clean, reduction="none"), noised).item())
+    assert val[4] == pytest.approx(sum(per_batch) / len(per_batch), rel=1e-3)
 
 
 def test_resume_continues_exactly_past_a_crashed_save(tmp_path, train_data_root, baseline):
