@@ -41,8 +41,11 @@ class ChatTemplate:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = plain_text(tokenizer)  # sets the flag on the caller's tokenizer too
         if all(tokenizer.token_to_id(t) is not None for t in (HEADER, END_HEADER, END_OF_TURN)):
-            headers = [f"{HEADER}{role}{END_HEADER}\n\n" for role in ROLES]
-            self.roles = dict(zip(ROLES, (e.ids for e in tokenizer.encode_batch_fast(headers, add_special_tokens=False))))
+            # Header tokens by id, the text between them encoded as text (as the whole rendered
+            # header encodes: special tokens split the text before pre-tokenization).
+            header, end_header = tokenizer.token_to_id(HEADER), tokenizer.token_to_id(END_HEADER)
+            texts = [e.ids for e in tokenizer.encode_batch_fast([*ROLES, "\n\n"], add_special_tokens=False)]
+            self.roles = {role: [header, *ids, end_header, *texts[-1]] for role, ids in zip(ROLES, texts)}
             self.end_of_turn = [tokenizer.token_to_id(END_OF_TURN)]
             self.begin = [tokenizer.token_to_id(BEGIN)] if tokenizer.token_to_id(BEGIN) is not None else []
         else:

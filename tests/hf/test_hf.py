@@ -400,10 +400,12 @@ def test_llada_instruct_tokenizers_get_its_released_chat_template():
         "<|startoftext|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     )
-    template = ChatTemplate(tok)
-    assert template.prompt(conversation) == tok.encode(rendered, add_special_tokens=False).ids
+    expected_prompt = tok.encode(rendered, add_special_tokens=False).ids  # special tokens recognised, as the release renders them
+    expected_sample = tok.encode(rendered + "It is 4.<|eot_id|>", add_special_tokens=False).ids
+    template = ChatTemplate(tok)  # (it makes the tokenizer read contents as plain text)
+    assert template.prompt(conversation) == expected_prompt
     [(tokens, prompt_len)] = template.samples([[*conversation, {"role": "assistant", "content": "It is 4."}]])
-    assert tokens == tok.encode(rendered + "It is 4.<|eot_id|>", add_special_tokens=False).ids
+    assert tokens == expected_sample
     assert prompt_len == len(template.prompt(conversation))
 
 
