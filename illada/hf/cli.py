@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 
-from illada.hf import convert
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
@@ -67,6 +66,6 @@ def add_parsers(sub) -> None:
     )
     hf.add_argument("checkpoint", metavar="CKPT", help="a checkpoint, or a folder of them (its latest)")
     hf.add_argument("--out", required=True, metavar="DIR", help="the directory to create (must not exist)")
-    hf.add_argument("--dtype", default="bf16", choices=sorted(convert.DTYPES), help="weight dtype (default bf16, as LLaDA is released)")
+    hf.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight dtype (default bf16, as LLaDA is released)")
     hf.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard in GiB (default 5)")
     hf.set_defaults(func=cmd_export_hf)
