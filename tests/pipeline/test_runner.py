@@ -1,6 +1,7 @@
 import pytest
 
 from illada import storage
+from illada.config import ConfigError
 from illada.pipeline.runner import PipelineError, pipeline_status, run_pipeline
 from illada.pipeline.stage import Stage, StageContext
 from illada.data.stages import PRETRAIN as STAGES
@@ -60,7 +61,7 @@ def test_stage_needs_complete_inputs(tmp_path, corpus, ray_local):
     config = make_config(tmp_path / "run", corpus)
     with pytest.raises(PipelineError, match="needs decontaminate, tokenizer to be complete first"):
         run_pipeline(config, STAGES, only="tokenize")
-    with pytest.raises(PipelineError, match="unknown stage 'tokenise'"):
+    with pytest.raises(ConfigError, match="unknown stage 'tokenise'"):
         run_pipeline(config, STAGES, only="tokenise")
 
 

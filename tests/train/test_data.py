@@ -106,7 +106,7 @@ def test_micro_batches_count_the_real_tokens_trained_after_the_random_cut():
     for row, pad in enumerate(pads):
         tokens[row, seq - pad :] = pad_id
     rows = Sequences(tokens, pads, ["a", "b", "a", "b", "a", "b"])
-    train = TrainConfig.model_validate({"data_root": "unused", "steps": 1, "global_batch_size": 6, "micro_batch_size": 2, "random_length_fraction": 1.0})
+    train = TrainConfig.model_validate({"data_root": "unused", "steps": 1, "global_batch_size": 6, "micro_batch_size": 2, "random_length_fraction": 1.0, "optim": {"warmup_steps": 0}})
 
     batches, counted = micro_batches(rows, train, step=0, mask_id=mask_id, device="cpu")
 
