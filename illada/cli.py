@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     from illada.chat_cli import add_parser as add_chat_parser
 
     add_chat_parser(sub)  # chat
+    __import__("illada.train.plan", fromlist=["add_parsers"]).add_parsers(sub)  # plan
     return parser
 
 
