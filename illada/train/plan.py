@@ -19,15 +19,22 @@ model differs, so the count is redone for it (elements per token, bf16 = 2 bytes
 
     outside the TP region: both norms' inputs, the QKV and fc1 inputs          4 h
     QKV output (kept whole: V is a view of it), Q and K after RoPE           2 h + 3 kv
-    SDPA output and its reshaped copy (linear_proj's input)                    2 h
-    SwiGLU: fc1 output (gate and up), silu(gate), the product (fc2's input)    4 ffn
+    SDPA's output, also linear_proj's input (SDPA keeps its query's layout,
+    so the reshape back to [s, b, h] is a view)                                  h
+    SwiGLU: fc1 output (gate and up), silu(gate), megatron's `up + 0.0`
+    (glu_linear_offset), the product (fc2's input)                             5 ffn
     fp32 statistics: 2 norms' 1/rms, SDPA's log-sum-exp per head            (8 + 4 heads) bytes
+
+torch's RMSNorm is one fused kernel on CUDA (it keeps its input and 1/rms); on CPU it is
+composite and also keeps the normalised input (h more per norm: `fused_norm=False`).
+plus RoPE's cos and sin for Q and K (4 s head_dim per layer and micro-batch); the token ids
+and the loss's [b, s] tensors are left out (under 0.1%).
 
 with kv = query groups x head dim. No dropout (no masks), and torch SDPA's flash and
 memory-efficient kernels keep no [s, s] score matrix, so there is no 5 a s^2 b term.
 Selective recomputation (megatron's recompute_modules) drops what the recomputed module
-alone keeps: "core_attn" the SDPA output and log-sum-exp (little, with SDPA); "mlp" the
-three SwiGLU tensors. The last stage adds the final norm's and the LM head's inputs and the
+alone keeps: "core_attn" only SDPA's log-sum-exp (its output stays: it is linear_proj's
+input), so it saves next to nothing here; "mlp" the four SwiGLU tensors. The last stage adds the final norm's and the LM head's inputs and the
 logits: the bf16 [tokens, vocab/TP] logits plus the fp32 copy that megatron's
 vocab-parallel cross entropy works in (6 bytes per element), and the LM head's transient
 bf16 weight gradient before it is added into the fp32 buffer.
@@ -41,7 +48,7 @@ from dataclasses import dataclass, replace
 from illada.model.config import ModelConfig, check_parallel_sizes
 
 GiB = 1024**3
-RECOMPUTE_OPTIONS = ((), ("mlp",), ("core_attn", "mlp"))  # what proposals try, cheapest first
+RECOMPUTE_OPTIONS = ((), ("mlp",))  # what proposals try, cheapest first (core_attn saves next to nothing)
 RECOMPUTE_SHOWN = ((), ("core_attn",), ("mlp",), ("core_attn", "mlp"))
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 
@@ -158,38 +165,39 @@ def state_bytes_per_parameter(bf16: bool, distributed_optimizer: bool, dp: int) 
     return weights, grads, optimizer / dp if distributed_optimizer else optimizer
 
 
-def layer_activation_bytes(model: ModelConfig, layout: Layout, seq_len: int, act_bytes: int = 2) -> float:
+def layer_activation_bytes(model: ModelConfig, layout: Layout, seq_len: int, act_bytes: int = 2, fused_norm: bool = True) -> float:
     """What one layer keeps for its backward pass for one micro-batch on one GPU."""
     tp = layout.tp
     h, kv, ffn = model.hidden_size, model.num_query_groups * model.head_dim, model.ffn_hidden_size
     tokens = seq_len * layout.micro_batch
-    outside = 4 * h * act_bytes + 2 * 4  # norm, QKV, norm, fc1 inputs; the norms' fp32 1/rms
+    outside = (4 if fused_norm else 6) * h * act_bytes + 2 * 4  # norm, QKV, norm, fc1 inputs; the norms' fp32 1/rms
     qkv = (2 * h + 3 * kv) * act_bytes
-    attention_out = h * act_bytes  # linear_proj's input (a reshaped copy of SDPA's output)
-    sdpa_saved = h * act_bytes + 4 * model.num_attention_heads  # SDPA's output and log-sum-exp
-    mlp = 4 * ffn * act_bytes
+    attention_out = h * act_bytes  # SDPA's output = linear_proj's input
+    log_sum_exp = 4 * model.num_attention_heads
+    mlp = 5 * ffn * act_bytes
     if "core_attn" in layout.recompute:
-        sdpa_saved = 0
+        log_sum_exp = 0
     if "mlp" in layout.recompute:
         mlp = 0
-    inside = qkv + attention_out + sdpa_saved + mlp
-    return tokens * (outside / (tp if layout.sequence_parallel else 1) + inside / tp)
+    inside = qkv + attention_out + log_sum_exp + mlp
+    rope_tables = 4 * seq_len * model.head_dim * act_bytes
+    return tokens * (outside / (tp if layout.sequence_parallel else 1) + inside / tp) + rope_tables
 
 
-def last_stage_bytes(model: ModelConfig, layout: Layout, seq_len: int, act_bytes: int = 2) -> float:
+def last_stage_bytes(model: ModelConfig, layout: Layout, seq_len: int, act_bytes: int = 2, fused_norm: bool = True) -> float:
     """The final norm's and LM head's inputs and the logits (bf16 and megatron cross entropy's fp32 copy)."""
     tokens = seq_len * layout.micro_batch
-    head_inputs = 2 * model.hidden_size * act_bytes / (layout.tp if layout.sequence_parallel else 1)
+    head_inputs = ((2 if fused_norm else 3) * model.hidden_size * act_bytes + 4) / (layout.tp if layout.sequence_parallel else 1)
     logits = model.vocab_size / layout.tp * (act_bytes + 4 if act_bytes < 4 else 4)
     return tokens * (head_inputs + logits)
 
 
-def plan(model: ModelConfig, layout: Layout, seq_len: int, global_batch: int, bf16: bool = True) -> Plan:
+def plan(model: ModelConfig, layout: Layout, seq_len: int, global_batch: int, bf16: bool = True, fused_norm: bool = True) -> Plan:
     """Memory on the first and last pipeline stage's GPUs (one stage when PP=1)."""
     act_bytes = 2 if bf16 else 4
     weight_b, grad_b, optim_b = state_bytes_per_parameter(bf16, layout.distributed_optimizer, layout.dp)
     micro_batches = max(1, global_batch // (layout.dp * layout.micro_batch))
-    per_layer = layer_activation_bytes(model, layout, seq_len, act_bytes)
+    per_layer = layer_activation_bytes(model, layout, seq_len, act_bytes, fused_norm)
     layers = model.num_layers // layout.pp
     stage_output = seq_len * layout.micro_batch * model.hidden_size * act_bytes / (layout.tp if layout.sequence_parallel else 1)
     head_grad = model.vocab_size * model.hidden_size / layout.tp * act_bytes  # autograd's, before megatron adds it into the fp32 buffer
@@ -207,7 +215,7 @@ def plan(model: ModelConfig, layout: Layout, seq_len: int, global_batch: int, bf
                 optimizer=params * optim_b,
                 activations_per_micro_batch=activations,
                 in_flight=in_flight,
-                stage_extra=last_stage_bytes(model, layout, seq_len, act_bytes) if last else 0,
+                stage_extra=last_stage_bytes(model, layout, seq_len, act_bytes, fused_norm) if last else 0,
                 transient=head_grad,
             )
         )

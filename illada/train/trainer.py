@@ -120,7 +120,7 @@ def check_device_support(train: TrainConfig, on_gpu: bool) -> None:
     if train.recompute.granularity != "none":
         gpu_only.append("train.recompute.granularity")
     if gpu_only:
-        raise ConfigError(f"{', '.join(gpu_only)} need a GPU (megatron runs them on CUDA tensors only); turn them off for CPU runs")
+        raise ConfigError(f"{', '.join(gpu_only)}: needs a GPU (megatron runs it on CUDA tensors only); turn it off for CPU runs")
 
 
 def ddp_config(train: TrainConfig) -> DistributedDataParallelConfig:
@@ -255,6 +255,7 @@ def train_loop(config: Config, on_step=None) -> TrainState:
             f"train.global_batch_size ({train.global_batch_size}) must be divisible by data-parallel size ({dp_size}) "
             f"x train.micro_batch_size ({train.micro_batch_size})"
         )
+    check_memory(config, dp_size, manifest["stats"]["seq_len"])
     model, optimizer, scheduler, tconfig = build(config)
     data = (sft.SFTData if train.objective == "sft" else PackedData)(manifest, train.data_root, mix, train.seed, parallel_state.get_data_parallel_rank(), dp_size)
     state = TrainState(tokens_per_source=dict.fromkeys(data.schedule.names, 0))
@@ -309,6 +310,17 @@ def train_loop(config: Config, on_step=None) -> TrainState:
     bar.close()
     metrics.close()
     return state
+
+
+def check_memory(config: Config, dp: int, seq_len: int) -> None:
+    """Refuse, with the planner's numbers, a layout that will not fit this GPU (illada.train.plan)."""
+    if not torch.cuda.is_available():
+        return
+    from illada.train.plan import GiB, check_fits
+
+    gib = config.train.gpu_memory_gib
+    total = gib * GiB if gib else torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    check_fits(config, dp, seq_len, total)
 
 
 @contextmanager
