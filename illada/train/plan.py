@@ -351,7 +351,8 @@ def add_parsers(sub) -> None:
         "Arithmetic only (illada/train/plan.py has the formulas and their sources).",
     )
     p.add_argument("config", help="YAML config with model and train sections")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, anywhere on the line")
+    p.add_argument("--root", help="run root; same as the override root=...")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
     p.add_argument("--gpu-memory", default="80GiB", help="memory per GPU, e.g. 80GiB, 141GB (default: 80GiB)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="tensor parallelism stays within a node (default: 8)")
@@ -364,7 +365,8 @@ def add_parsers(sub) -> None:
 def cmd_plan(args) -> int:
     from illada.config import ConfigError, load_config
 
-    config = load_config(args.config, args.overrides).require("model", "train")
+    overrides = list(args.overrides) + ([f"root={args.root}"] if args.root else [])
+    config = load_config(args.config, overrides).require("model", "train")
     train, model = config.train, config.model
     if args.gpus < 1:
         raise ConfigError("--gpus must be at least 1")
