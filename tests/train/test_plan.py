@@ -131,3 +131,15 @@ def test_illada_plan_prints_the_layout_and_proposals(capsys):
     assert "the config's layout: TP=4 PP=2 DP=8" in out and "peak" in out and "fits" in out
     assert "use #1 with these overrides:" in out
     assert P.parse_size("141GB") == 141e9 and P.parse_size("80") == 80 * GiB
+
+
+def test_the_ray_jobs_check_refuses_a_layout_too_big_for_the_clusters_gpus():
+    from illada.train.preflight import LaunchError, Plan, check_memory
+
+    config = load_config(REPO / "configs" / "train" / "8b.yaml", ["train.parallel.tensor=1", "train.parallel.pipeline=1"])
+    l4_nodes = [{"CPU": 48, "GPU": 8, "accelerator_type:L4": 1}] * 8
+    with pytest.raises(LaunchError, match=r"needs .* GiB on a GPU .* of 22\.0 GiB is usable"):
+        check_memory(config, Plan(workers=64, use_gpu=True, cpus_per_worker=1), 8192, l4_nodes)
+    unknown = [{"CPU": 48, "GPU": 8, "accelerator_type:A100": 1}] * 8
+    check_memory(config, Plan(workers=64, use_gpu=True, cpus_per_worker=1), 8192, unknown)  # size unknown: skipped
+    check_memory(config, Plan(workers=64, use_gpu=False, cpus_per_worker=1), 8192, l4_nodes)  # CPU workers: skipped
