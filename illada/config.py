@@ -311,7 +311,7 @@ class TrainConfig(Strict):
     transformer_impl: Literal["auto", "local", "transformer_engine"] = Field(
         "auto",
         description="The layer implementation: auto picks Transformer Engine's when it is importable on a GPU machine, "
-        "else megatron's local layers with torch SDPA. Checkpoints load only into the implementation that wrote them.",
+        "else megatron's local layers with torch SDPA. Both name the weights alike in checkpoints; loading across them is untested.",
     )
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="GPU memory for the memory preflight when the device or the cluster's GPU type does not tell (e.g. A100 40 or 80 GB)."

@@ -116,7 +116,7 @@ class StageMemory:
 
 
 @dataclass(frozen=True)
-class Plan:
+class MemoryPlan:
     layout: Layout
     seq_len: int
     global_batch: int
@@ -192,7 +192,7 @@ def last_stage_bytes(model: ModelConfig, layout: Layout, seq_len: int, act_bytes
     return tokens * (head_inputs + logits)
 
 
-def plan(model: ModelConfig, layout: Layout, seq_len: int, global_batch: int, bf16: bool = True, fused_norm: bool = True) -> Plan:
+def plan(model: ModelConfig, layout: Layout, seq_len: int, global_batch: int, bf16: bool = True, fused_norm: bool = True) -> MemoryPlan:
     """Memory on the first and last pipeline stage's GPUs (one stage when PP=1)."""
     act_bytes = 2 if bf16 else 4
     weight_b, grad_b, optim_b = state_bytes_per_parameter(bf16, layout.distributed_optimizer, layout.dp)
@@ -219,7 +219,7 @@ def plan(model: ModelConfig, layout: Layout, seq_len: int, global_batch: int, bf
                 transient=head_grad,
             )
         )
-    return Plan(layout, seq_len, global_batch, tuple(stages))
+    return MemoryPlan(layout, seq_len, global_batch, tuple(stages))
 
 
 # --- proposals ------------------------------------------------------------------------------------
@@ -251,12 +251,12 @@ def rank_key(layout: Layout) -> tuple:
     return (layout.tp * layout.pp, RECOMPUTE_OPTIONS.index(layout.recompute), -layout.micro_batch, layout.pp)
 
 
-def proposals(model: ModelConfig, gpus: int, gpu_bytes: float, seq_len: int, global_batch: int, *, bf16: bool = True, headroom: float = 0.1, gpus_per_node: int = 8) -> list[Plan]:
+def proposals(model: ModelConfig, gpus: int, gpu_bytes: float, seq_len: int, global_batch: int, *, bf16: bool = True, headroom: float = 0.1, gpus_per_node: int = 8) -> list[MemoryPlan]:
     """For each TP x PP that fits, its best layout (rank_key) whose busiest GPU fits in
     (1 - headroom) of its memory; best first."""
     usable = gpu_bytes * (1 - headroom)
     plans = [plan(model, layout, seq_len, global_batch, bf16) for layout in candidate_layouts(model, gpus, global_batch, gpus_per_node)]
-    best: dict[tuple[int, int], Plan] = {}
+    best: dict[tuple[int, int], MemoryPlan] = {}
     for p in sorted((p for p in plans if p.peak <= usable), key=lambda p: rank_key(p.layout)):
         best.setdefault((p.layout.tp, p.layout.pp), p)
     return list(best.values())
@@ -291,7 +291,7 @@ def config_layout(train, dp: int) -> Layout:
     )
 
 
-def check_fits(config, dp: int, seq_len: int, gpu_bytes: float, headroom: float = 0.1) -> Plan:
+def check_fits(config, dp: int, seq_len: int, gpu_bytes: float, headroom: float = 0.1) -> MemoryPlan:
     """Raise a one-line ConfigError with the numbers (and the best layout that fits, if any)
     when the config's layout does not fit a GPU of gpu_bytes."""
     from illada.config import ConfigError
