@@ -316,6 +316,9 @@ class TrainConfig(Strict):
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="GPU memory for the memory preflight when the device or the cluster's GPU type does not tell (e.g. A100 40 or 80 GB)."
     )
+    memory_check: bool = Field(
+        True, description="Refuse to start a layout the memory planner (illada plan) says will not fit a GPU; false: only warn."
+    )
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     collective_timeout_s: float = Field(

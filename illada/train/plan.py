@@ -42,6 +42,7 @@ bf16 weight gradient before it is added into the fp32 buffer.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, replace
 
@@ -293,7 +294,8 @@ def config_layout(train, dp: int) -> Layout:
 
 def check_fits(config, dp: int, seq_len: int, gpu_bytes: float, headroom: float = 0.1) -> MemoryPlan:
     """Raise a one-line ConfigError with the numbers (and the best layout that fits, if any)
-    when the config's layout does not fit a GPU of gpu_bytes."""
+    when the config's layout does not fit a GPU of gpu_bytes; with train.memory_check off,
+    log it as a warning instead."""
     from illada.config import ConfigError
 
     train, model = config.train, config.model
@@ -308,10 +310,14 @@ def check_fits(config, dp: int, seq_len: int, gpu_bytes: float, headroom: float 
     )
     best = proposals(model, p.layout.gpus, gpu_bytes, seq_len, train.global_batch_size, bf16=train.bf16, headroom=headroom)
     hint = f"; a layout that fits: {' '.join(best[0].layout.overrides())}" if best else "; no layout fits on this many GPUs: add GPUs or shorten the sequences"
-    raise ConfigError(
+    message = (
         f"the layout {p.layout.describe()} needs {_gib(p.peak)} on a GPU ({numbers}) but {_gib(usable)} of {_gib(gpu_bytes)} is usable{hint} "
-        "(illada plan CONFIG --gpus N shows the numbers)"
+        "(illada plan CONFIG --gpus N shows the numbers; train.memory_check=false only warns)"
     )
+    if not train.memory_check:
+        logging.getLogger(__name__).warning("%s", message)
+        return p
+    raise ConfigError(message)
 
 
 def _gib(n: float) -> str:

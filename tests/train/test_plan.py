@@ -109,6 +109,8 @@ def test_the_preflight_refuses_a_layout_that_does_not_fit_with_the_numbers():
     assert "needs" in message and "weights 14.2 GiB" in message and "of 80.0 GiB is usable" in message
     assert "a layout that fits: train.parallel.tensor=" in message
     assert P.check_fits(load_config(REPO / "configs" / "train" / "8b.yaml"), dp=8, seq_len=8192, gpu_bytes=80 * GiB).peak < 72 * GiB
+    warned = load_config(REPO / "configs" / "train" / "8b.yaml", ["train.parallel.tensor=1", "train.parallel.pipeline=1", "train.memory_check=false"])
+    assert P.check_fits(warned, dp=8, seq_len=8192, gpu_bytes=80 * GiB).peak > 72 * GiB  # only a warning
 
 
 def test_gpu_memory_from_the_ray_gpu_type_or_the_config():
