@@ -445,4 +445,6 @@ def _layout_table(config, dp: int, seq_len: int, usable: float) -> list[str]:
     row("total (as configured)", gib(s.total for s in p.stages))
     verdict = "fits" if p.peak <= usable else f"does NOT fit ({usable / GiB:.1f} GiB usable)"
     out.append(f"  peak {p.peak / GiB:.2f} GiB per GPU: {verdict}")
+    if train.global_batch_size % (dp * layout.micro_batch):
+        out.append(f"  note: global batch {train.global_batch_size} is not divisible by DP {dp} x micro-batch {layout.micro_batch}: training refuses it")
     return out
