@@ -112,8 +112,9 @@ def build(config: Config):
 
 
 def check_device_support(train: TrainConfig, on_gpu: bool) -> None:
-    """Megatron's distributed optimizer and overlapped communication refuse CPU tensors, and
-    its recomputation saves CUDA RNG states: say so in one line instead of deep in megatron."""
+    """Megatron's distributed optimizer (so also overlap_param_gather) refuses CPU tensors and
+    its recomputation saves CUDA RNG states: say so in one line instead of deep in megatron.
+    (overlap_grad_reduce works on gloo.)"""
     if on_gpu:
         return
     gpu_only = [f"train.parallel.{k}" for k in train.parallel.gpu_only]
