@@ -48,20 +48,21 @@ def test_the_pipelines_first_stage_holds_as_many_micro_batches_as_stages_or_the_
     assert [s.in_flight for s in few.stages] == [2, 1]
 
 
-def test_activations_count_what_autograd_saves_in_megatrons_model():
-    """The planner's activation and logits bytes for one micro-batch against the storage of
-    every tensor autograd saves in a forward pass of the real model (CPU: fp32, composite
-    RMSNorm). What the planner leaves out (token ids, the loss's [b, s] tensors) is tiny."""
+SMALL = ModelConfig(preset="tiny", num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=352, vocab_size=1024, max_seq_len=256)
+SEQ, BATCH = 256, 2
+
+
+def saved_activation_bytes(rank: int = 0, tp: int = 1, sequence_parallel: bool = False) -> int:
+    """Bytes of every tensor (weights aside) autograd saves in one forward pass of megatron's
+    model, on this rank."""
     import torch
 
     from illada.model.build import build_model, transformer_config
     from illada.parallel import destroy_parallel, init_parallel
 
-    cfg = ModelConfig(preset="tiny", num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=352, vocab_size=1024, max_seq_len=256)
-    seq, batch = 256, 2
-    init_parallel(1, 1)
+    init_parallel(tp, 1)
     try:
-        model = build_model(cfg, transformer_config(cfg))
+        model = build_model(SMALL, transformer_config(SMALL, tp=tp, sequence_parallel=sequence_parallel))
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         saved: dict[int, int] = {}
 
@@ -69,15 +70,36 @@ def test_activations_count_what_autograd_saves_in_megatrons_model():
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+        tokens = torch.randint(0, SMALL.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             model(input_ids=tokens, position_ids=None, attention_mask=None, labels=tokens)
     finally:
         destroy_parallel()
-    measured = sum(n for ptr, n in saved.items() if ptr not in weights)
-    stage = P.plan(cfg, P.Layout(micro_batch=batch), seq, batch, bf16=False, fused_norm=False).stages[0]
-    predicted = stage.activations + stage.stage_extra
+    return sum(n for ptr, n in saved.items() if ptr not in weights)
+
+
+def predicted_activation_bytes(layout) -> float:
+    stage = P.plan(SMALL, layout, SEQ, BATCH, bf16=False, fused_norm=False).stages[0]
+    return stage.activations + stage.stage_extra
+
+
+def test_activations_count_what_autograd_saves_in_megatrons_model():
+    """The planner's activation and logits bytes for one micro-batch against the storage of
+    every tensor autograd saves in a forward pass of the real model (CPU: fp32, composite
+    RMSNorm). What the planner leaves out (token ids, the loss's [b, s] tensors) is tiny."""
+    measured = saved_activation_bytes()
+    predicted = predicted_activation_bytes(P.Layout(micro_batch=BATCH))
     assert abs(predicted - measured) / measured < 0.01, (predicted, measured)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_tensor_and_sequence_parallelism_divide_what_the_planner_says(sequence_parallel):
+    from tests.distributed import run_distributed
+
+    measured = run_distributed(saved_activation_bytes, 2, 2, sequence_parallel)
+    predicted = predicted_activation_bytes(P.Layout(tp=2, micro_batch=BATCH, sequence_parallel=sequence_parallel))
+    for rank_bytes in measured:
+        assert abs(predicted - rank_bytes) / rank_bytes < 0.02, (predicted, measured)
 
 
 def test_recomputing_the_mlp_drops_its_four_tensors():
