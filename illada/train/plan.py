@@ -25,19 +25,20 @@ model differs, so the count is redone for it (elements per token, bf16 = 2 bytes
     (glu_linear_offset), the product (fc2's input)                             5 ffn
     fp32 statistics: 2 norms' 1/rms, SDPA's log-sum-exp per head            (8 + 4 heads) bytes
 
-torch's RMSNorm is one fused kernel on CUDA (it keeps its input and 1/rms); on CPU it is
-composite and also keeps the normalised input (h more per norm: `fused_norm=False`).
-plus RoPE's cos and sin for Q and K (4 s head_dim per layer and micro-batch); the token ids
-and the loss's [b, s] tensors are left out (under 0.1%).
+with kv = query groups x head dim, plus RoPE's cos and sin for Q and K (4 s head_dim per
+layer and micro-batch). The token ids and the loss's [b, s] tensors are left out (under
+0.1%). No dropout (no masks), and torch SDPA's flash and memory-efficient kernels keep no
+[s, s] score matrix, so there is no 5 a s^2 b term. torch's RMSNorm is one fused kernel on
+CUDA (it keeps its input and 1/rms); on CPU it is composite and also keeps the normalised
+input (h more per norm: `fused_norm=False`).
 
-with kv = query groups x head dim. No dropout (no masks), and torch SDPA's flash and
-memory-efficient kernels keep no [s, s] score matrix, so there is no 5 a s^2 b term.
 Selective recomputation (megatron's recompute_modules) drops what the recomputed module
 alone keeps: "core_attn" only SDPA's log-sum-exp (its output stays: it is linear_proj's
-input), so it saves next to nothing here; "mlp" the four SwiGLU tensors. The last stage adds the final norm's and the LM head's inputs and the
-logits: the bf16 [tokens, vocab/TP] logits plus the fp32 copy that megatron's
-vocab-parallel cross entropy works in (6 bytes per element), and the LM head's transient
-bf16 weight gradient before it is added into the fp32 buffer.
+input), so it saves next to nothing here; "mlp" the four SwiGLU tensors. The last stage
+adds the final norm's and the LM head's inputs and the logits: the bf16 [tokens, vocab/TP]
+logits plus the fp32 copy that megatron's vocab-parallel cross entropy works in (6 bytes
+per element), and the LM head's transient bf16 weight gradient before megatron adds it
+into the fp32 gradient buffer.
 """
 
 from __future__ import annotations
