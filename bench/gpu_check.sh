@@ -7,8 +7,7 @@
 #   bench/gpu_check.sh                  # there: installs .whl/ (if present) and runs the check
 #   bench/gpu_check.sh --dry-run        # anywhere: tiny preset on the CPU
 #
-# .whl/ must be git-ignored where the checkout travels (echo /.whl/ >> .git/info/exclude)
-# and carried with the run (carry: [".whl"]). Output goes to stdout and, when $OUT is set,
+# --fetch-wheels also git-ignores .whl/ (info/exclude); carry it with the run (carry: [".whl"]). Output goes to stdout and, when $OUT is set,
 # to $OUT/gpu_check.log and $OUT/gpu_check.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +17,9 @@ cd "$(dirname "$0")/.."
 WHEELS=(megatron-core==0.16.1 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 zstandard==0.25.0)
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    exclude="$(git rev-parse --git-path info/exclude)"  # the wheels travel as an ignored, carried folder
+    mkdir -p "$(dirname "$exclude")"
+    grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
