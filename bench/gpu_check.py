@@ -61,6 +61,7 @@ def measure_layout(args) -> dict:
     from illada.model.config import ModelConfig
     from illada.parallel import destroy_parallel, init_parallel
     from illada.train import plan as planner
+    from illada.train.data import Sequences
     from illada.train.trainer import build, forward_step, micro_batches, weights_gathered
 
     preset, seq_len = shape(args)
@@ -76,8 +77,9 @@ def measure_layout(args) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     losses = []
     for step in range(3):
-        rows = rng.integers(7, config.model.vocab_size, size=(train.global_batch_size, seq_len)).astype(np.int64)
-        batches = micro_batches(rows, train, step, mask_id=5, device=device)
+        tokens = rng.integers(7, config.model.vocab_size, size=(train.global_batch_size, seq_len)).astype(np.int64)
+        rows = Sequences(tokens, pad=np.zeros(len(tokens), dtype=np.int64), sources=["random"] * len(tokens))
+        batches, _ = micro_batches(rows, train, step, mask_id=5, device=device)
         optimizer.zero_grad()
         model.zero_grad_buffer()
         out = get_forward_backward_func()(

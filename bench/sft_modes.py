@@ -150,7 +150,7 @@ def main() -> None:
     # 4. Score every checkpoint on the held-out prompts.
     from illada.inference import load_for_inference
     from illada.sampling.sampler import SamplerConfig
-    from illada.train.checkpoint import complete_checkpoints
+    from illada.layout import complete_checkpoints
 
     sampler = SamplerConfig(gen_length=16, steps=16, block_length=8, variable_length=True)
 

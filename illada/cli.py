@@ -30,6 +30,7 @@ def _add_stage_args(p: argparse.ArgumentParser) -> None:
     which.add_argument("--stage", help="re-run only this stage (its inputs must be complete)")
     which.add_argument("--from", dest="start", help="re-run this stage and every stage after it")
     p.add_argument("--force", action="store_true", help="re-run every stage, even those up to date")
+    p.add_argument("--verify", action="store_true", help="check the sha256 of every output of the stages it would skip (sizes are always checked); rebuild what differs")
 
 
 def _add_submit_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +53,7 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
     from illada.pipeline.runner import run_pipeline
 
     config = _config(args)
-    manifests = run_pipeline(config, stages_for(config), only=args.stage, start=args.start, force=args.force)
+    manifests = run_pipeline(config, stages_for(config), only=args.stage, start=args.start, force=args.force, verify=args.verify)
     print_summary(manifests)
     return 0
 
@@ -63,7 +64,7 @@ def cmd_pipeline_status(args: argparse.Namespace) -> int:
 
     config = _config(args)
     print(f"{'stage':<14}{'state':<10}{'tasks done':>11}  digest")
-    for s in pipeline_status(config, stages_for(config)):
+    for s in pipeline_status(config, stages_for(config), verify=args.verify):
         print(f"{s.name:<14}{s.state:<10}{s.tasks_done:>11}  {(s.digest or '-')[:16]}")
     return 0
 
@@ -93,7 +94,7 @@ def cmd_submit_pipeline(args: argparse.Namespace) -> int:
 
     config = _config(args)
     env = _env_vars(args.env)
-    return _submitted(args, submit_pipeline(config, _address(args), stage=args.stage, start=args.start, force=args.force, submission_id=args.job_id, env=env))
+    return _submitted(args, submit_pipeline(config, _address(args), stage=args.stage, start=args.start, force=args.force, verify=args.verify, submission_id=args.job_id, env=env))
 
 
 def cmd_submit_train(args: argparse.Namespace) -> int:
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_pipeline_run)
     status = pipeline.add_parser("status", help="show each stage's state: complete, stale, partial or missing")
     _add_config_args(status)
+    status.add_argument("--verify", action="store_true", help="also check the sha256 of every listed output (sizes are always checked)")
     status.set_defaults(func=cmd_pipeline_status)
 
     submit = sub.add_parser("submit", help="send a run to a Ray cluster as a Ray Job").add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -294,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet = int(os.environ.get("RANK", 0)) > 0  # one log per job, from global rank 0
     level = logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from illada import redaction
+
+    redaction.install()  # no credential in any log line, botocore's DEBUG headers included
     if not args.verbose:
         logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lists every parameter
     try:

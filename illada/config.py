@@ -104,11 +104,57 @@ class FuzzyDedupConfig(Strict):
     hashes_per_bucket: int = Field(8, gt=0)
     num_partitions: int = Field(16, gt=0, description="Partitions of the duplicate graph for connected components.")
     seed: int = 1
+    jaccard_threshold: float = Field(
+        0.7, ge=0, le=1, description="An LSH candidate pair is a near-duplicate only if the Jaccard of its shingles reaches this; 0: every candidate is."
+    )
+    chain_stopping: bool = Field(
+        True,
+        description="Remove a document only if it is within jaccard_threshold of its cluster's kept document (the rest are "
+        "re-clustered); false: remove every member of a connected component but the earliest.",
+    )
 
 
 class DedupConfig(Strict):
     exact: ExactDedupConfig = ExactDedupConfig()
     fuzzy: FuzzyDedupConfig = FuzzyDedupConfig()
+
+
+class EvalSetConfig(Strict):
+    """An evaluation set to keep out of the training data: a jsonl file of records."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="The benchmark's name in the manifest and `illada lineage`.")
+    path: str = Field(description="A jsonl file, local or s3://.")
+    fields: list[str] | None = Field(None, description="The fields holding evaluation text; default: every string (or list of strings) field.")
+
+    @field_validator("path")
+    @classmethod
+    def _expand_path(cls, path: str) -> str:
+        path = expand_vars(path)
+        return path if "://" in path else os.path.abspath(path)
+
+
+class DecontaminateConfig(Strict):
+    """Documents sharing a long word n-gram with an evaluation text are removed (or flagged)."""
+
+    enabled: bool = True
+    action: Literal["remove", "flag"] = Field(
+        "remove", description="remove: move to contaminated/ with the reason; flag: keep, with the benchmarks in the metadata's `contamination`."
+    )
+    ngram: int = Field(13, gt=0, description="Words in a matching n-gram (lowercased \\w+ words).")
+    min_words: int = Field(
+        8, gt=0, description="An evaluation text shorter than ngram words is matched whole if it has at least this many; shorter ones are skipped."
+    )
+    project_tasks: bool = Field(True, description="Match the data of the project's lm-eval tasks (illada/eval/tasks/*.jsonl).")
+    eval_sets: list[EvalSetConfig] = Field([], description="More evaluation sets (jsonl).")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DecontaminateConfig:
+        if self.min_words > self.ngram:
+            raise ValueError(f"min_words ({self.min_words}) must not exceed ngram ({self.ngram})")
+        names = [e.name for e in self.eval_sets]
+        if len(set(names)) != len(names):
+            raise ValueError("eval_sets names must be unique")
+        return self
 
 
 class TokenizerConfig(Strict):
@@ -167,6 +213,7 @@ class DataConfig(Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     ingest: IngestConfig = IngestConfig()
     dedup: DedupConfig = DedupConfig()
+    decontaminate: DecontaminateConfig = DecontaminateConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
     pack: PackConfig = PackConfig()
@@ -253,6 +300,9 @@ class CheckpointConfig(Strict):
     dir: str | None = Field(None, description="Default: <root>/checkpoints.")
     interval: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0)
+    verify: bool = Field(
+        True, description="Check every file's sha256 against illada.json before loading (resume, init_from); sizes are checked either way."
+    )
 
 
 class ClusterConfig(Strict):
@@ -335,6 +385,17 @@ class TrainConfig(Strict):
         return root if "://" in root else os.path.abspath(root)
 
     @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainConfig:
+        epochs = self.sft.epochs
+        if epochs is not None and self.objective != "sft":
+            raise ValueError("sft.epochs applies to train.objective: sft; pre-training counts train.steps")
+        if epochs is not None and self.steps is not None:
+            raise ValueError("give train.steps or train.sft.epochs, not both")
+        if epochs is None and self.steps is None:
+            raise ValueError("train.steps is required (for SFT, train.sft.epochs may give it instead)")
+        return self
+
+    @model_validator(mode="after")
     def _schedule_fits(self) -> TrainConfig:
         optim = self.optim
         if self.steps is not None and optim.warmup_steps + optim.decay_steps > self.steps:
@@ -344,17 +405,6 @@ class TrainConfig(Strict):
             )
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
-        return self
-
-    @model_validator(mode="after")
-    def _steps_or_epochs(self) -> TrainConfig:
-        epochs = self.sft.epochs
-        if epochs is not None and self.objective != "sft":
-            raise ValueError("sft.epochs applies to train.objective: sft; pre-training counts train.steps")
-        if epochs is not None and self.steps is not None:
-            raise ValueError("give train.steps or train.sft.epochs, not both")
-        if epochs is None and self.steps is None:
-            raise ValueError("train.steps is required (for SFT, train.sft.epochs may give it instead)")
         return self
 
 

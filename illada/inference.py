@@ -41,9 +41,13 @@ class InferenceModel:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def load_for_inference(checkpoint: str, *, bf16: bool | None = None, seed: int = 1234) -> InferenceModel:
+def load_for_inference(checkpoint: str, *, bf16: bool | None = None, seed: int = 1234, verify: bool = True) -> InferenceModel:
     """Build the checkpoint's model in this process (on the GPU if there is one; bf16 there
-    unless bf16=False) and load its weights and tokenizer."""
+    unless bf16=False) and load its weights and tokenizer. The checkpoint's files are
+    checked against its illada.json before any is read (sizes; sha256 too unless
+    verify=False): a file that differs raises DamagedCheckpoint, naming it. A checkpoint
+    from elsewhere brings its own illada.json: load one only from a source you trust, or
+    after comparing its digest with a trusted record (runbooks/resume-training.md)."""
     from illada.model.build import build_model, transformer_config
     from illada.parallel import init_parallel
     from illada.sampling.megatron import MegatronDenoiser
@@ -60,7 +64,7 @@ def load_for_inference(checkpoint: str, *, bf16: bool | None = None, seed: int =
     # Weights are loaded in fp32 (as saved) and cast afterwards; bf16=True in the config
     # keeps the attention softmax in fp32 for bf16 activations.
     model = build_model(config, transformer_config(config, bf16=bf16))
-    load_model_weights(model, path)
+    load_model_weights(model, path, verify=verify)
     if bf16:
         model = model.bfloat16()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")

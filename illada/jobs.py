@@ -2,16 +2,21 @@
 
 One way to submit, for both: the job's runtime environment is either
 - a working directory: a small staging folder holding the `illada` and `pipelines`
-  packages, `configs/` (model presets) and the resolved config, so what runs there is
-  exactly what was resolved here; or
+  packages, the model presets (`configs/model/`, which a resolved config may name) and the
+  resolved config, so what runs there is exactly what was resolved here; no other file of
+  `configs/` is sent (one may hold credentials); or
 - a container image (Ray's `image_uri`; the nodes need podman): the code is the image's,
   and the resolved config travels in $ILLADA_JOB_CONFIG.
 Either way the config has its secrets left out: the cluster uses its own credentials.
+`--env` values travel in the job's runtime environment, which the Ray dashboard shows: a
+name that looks like a credential gets a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shlex
 import shutil
 import tempfile
@@ -26,7 +31,9 @@ from illada.config import Config, ConfigError, dump_config, load_config
 from illada.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("illada", "pipelines")  # illada/configs (package data) holds the model presets
+log = logging.getLogger(__name__)
+PACKAGES = ("illada", "pipelines")
+SECRET_NAME = re.compile(r"(?i)(KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL)")
 JOB_CONFIG = "job_config.yaml"  # in the staged working directory
 CONFIG_ENV = "ILLADA_JOB_CONFIG"  # the config's YAML, for jobs from an image
 
@@ -52,9 +59,18 @@ def job_config(config: Config) -> Config:
 def _stage_working_dir(config: Config) -> Path:
     staging = Path(tempfile.mkdtemp(prefix="illada-job-"))
     for package in PACKAGES:
-        shutil.copytree(REPO / package, staging / package, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / package, staging / package, ignore=_code_and_presets)
     (staging / JOB_CONFIG).write_text(dump_config(job_config(config)))
     return staging
+
+
+def _code_and_presets(folder: str, names: list[str]) -> set[str]:
+    """What not to stage: caches, and every config but the model presets a config may name
+    (a config holding a storage key must never travel)."""
+    skip = {n for n in names if n == "__pycache__"}
+    if Path(folder).name == "configs" and Path(folder).parent.name == "illada":
+        skip |= {n for n in names if n != "model"}
+    return skip
 
 
 def load_job_config(path: str | None, overrides: list[str] = ()) -> Config:
@@ -102,6 +118,7 @@ def job_spec(config: Config, kind: str, module: str, flags=(), *, image=None, en
     config in $ILLADA_JOB_CONFIG instead of a file (MODULE must accept that); otherwise it
     runs from a staged working directory. `env` adds environment variables to every
     process of the job (the driver, Ray Train's controller, the workers)."""
+    _warn_on_secret_names(env or {})
     env_vars = {**_code_version_env(), **(env or {})}
     metadata = {"illada.kind": kind, "illada.config": config.name, "illada.root": config.root}
     staging = None
@@ -114,6 +131,15 @@ def job_spec(config: Config, kind: str, module: str, flags=(), *, image=None, en
     if env_vars:
         runtime_env["env_vars"] = env_vars
     return JobSpec(shlex.join(["python", "-m", module, *config_arg, *flags]), runtime_env, metadata, staging)
+
+
+def _warn_on_secret_names(env: dict[str, str]) -> None:
+    for name in sorted(n for n in env if SECRET_NAME.search(n)):
+        log.warning(
+            "--env %s looks like a credential: it is stored in the job's runtime environment, which the Ray dashboard and "
+            "job API show; give the cluster its own credentials (instance roles, a secret store) instead",
+            name,
+        )
 
 
 def submit(config: Config, address: str, kind: str, module: str, flags=(), *, submission_id=None, image=None, env=None) -> str:
@@ -134,8 +160,8 @@ def _code_version_env() -> dict[str, str]:
     return {"ILLADA_GIT_COMMIT": version[GIT_COMMIT], "ILLADA_GIT_DIRTY": version[GIT_DIRTY]}
 
 
-def submit_pipeline(config: Config, address: str, *, stage=None, start=None, force=False, submission_id=None, env=None) -> str:
-    flags = (["--stage", stage] if stage else []) + (["--from", start] if start else []) + (["--force"] if force else [])
+def submit_pipeline(config: Config, address: str, *, stage=None, start=None, force=False, verify=False, submission_id=None, env=None) -> str:
+    flags = (["--stage", stage] if stage else []) + (["--from", start] if start else []) + (["--force"] if force else []) + (["--verify"] if verify else [])
     return submit(config, address, "pipeline", "pipelines.pretrain_data", flags, submission_id=submission_id, env=env)
 
 

@@ -5,6 +5,7 @@ inference and training all find stage outputs and checkpoints through it.
 
 Stage outputs, under a run root:
 
+    <root>/_lock.json                the running pipeline's lock; <root>/_root.json which pipeline
     <root>/<stage>/manifest.json     written last: the stage's files, stats and digest
     <root>/<stage>/_fingerprint.json what the outputs were made from
     <root>/<stage>/...               the stage's own files (illada.pipeline.stage)
@@ -29,6 +30,8 @@ from illada.errors import UserError
 
 MANIFEST = "manifest.json"
 FINGERPRINT = "_fingerprint.json"
+LOCK = "_lock.json"  # held by the one `pipeline run` writing the root (illada.pipeline.lock)
+ROOT_IDENTITY = "_root.json"  # which pipeline the root holds
 
 CHECKPOINT_MARKER = "illada.json"
 CHECKPOINTS = "checkpoints"  # the default checkpoint folder under a run root

@@ -9,6 +9,10 @@ each weighted 1/p, summed and divided by all tokens of the batch:
 
 Since E[masked_i / p] = 1 for every position, the weighted sum is an unbiased estimate of
 the sum of per-token CE over all tokens, whatever t is drawn.
+
+Padding (the tail of each source's last packed sequence) is not data: given `valid`, pad
+positions are never masked, so never scored, and the loss divides by the real tokens
+only. Without padding this is exactly the formula above.
 """
 
 from __future__ import annotations
@@ -25,22 +29,31 @@ class Noised:
     tokens: torch.Tensor  # [b, s] input with masks applied
     masked: torch.Tensor  # [b, s] bool: which positions were masked
     p: torch.Tensor  # [b] mask probability of each sequence
+    valid: torch.Tensor | None = None  # [b, s] bool: real tokens (False on padding); None: all real
+
+    def to(self, device) -> Noised:
+        return Noised(self.tokens.to(device), self.masked.to(device), self.p.to(device), None if self.valid is None else self.valid.to(device))
 
 
-def add_noise(tokens: torch.Tensor, mask_id: int, generator: torch.Generator | None = None, eps: float = EPS) -> Noised:
-    """Mask each token with its sequence's probability p = (1 - eps) t + eps, t ~ U(0, 1)."""
+def add_noise(tokens: torch.Tensor, mask_id: int, generator: torch.Generator | None = None, eps: float = EPS, valid: torch.Tensor | None = None) -> Noised:
+    """Mask each token with its sequence's probability p = (1 - eps) t + eps, t ~ U(0, 1);
+    positions where `valid` is False (padding) are left as they are. The random draws do
+    not depend on `valid`."""
     b, s = tokens.shape
     t = torch.rand(b, generator=generator, device=tokens.device)
     p = (1 - eps) * t + eps
     masked = torch.rand(b, s, generator=generator, device=tokens.device) < p[:, None]
-    return Noised(torch.where(masked, torch.full_like(tokens, mask_id), tokens), masked, p)
+    if valid is not None:
+        masked &= valid
+    return Noised(torch.where(masked, torch.full_like(tokens, mask_id), tokens), masked, p, valid)
 
 
 def diffusion_loss(token_ce: torch.Tensor, noised: Noised) -> torch.Tensor:
     """Pre-training loss from per-token cross-entropy [b, s] (computed against the clean
-    tokens at every position)."""
+    tokens at every position), divided by the real (non-pad) tokens."""
     weights = noised.masked.to(token_ce.dtype) / noised.p[:, None].to(token_ce.dtype)
-    return (token_ce * weights).sum() / token_ce.numel()
+    tokens = token_ce.numel() if noised.valid is None else noised.valid.sum().clamp(min=1)
+    return (token_ce * weights).sum() / tokens
 
 
 def random_length(tokens: torch.Tensor, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:

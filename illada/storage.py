@@ -19,6 +19,7 @@ from typing import IO, Any
 import fsspec
 import pyarrow.fs
 
+from illada import redaction
 from illada.config import StorageConfig
 from illada.errors import UserError
 
@@ -60,6 +61,28 @@ def configure(storage: StorageConfig) -> None:
     which receive the config and call this first)."""
     global _storage
     _storage = storage
+    redaction.remember(storage.s3.key, storage.s3.secret)  # masked in every log line from now on
+
+
+CREDENTIAL_ENV = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY"}
+
+
+def without_credentials(storage: StorageConfig) -> StorageConfig:
+    """The storage config as a Ray task's arguments may carry it: task arguments are
+    serialized into the task's spec, so the S3 key and secret travel in `worker_env`
+    instead."""
+    return storage.model_copy(update={"s3": storage.s3.model_copy(update={"key": None, "secret": None})})
+
+
+def worker_env(storage: StorageConfig) -> dict[str, Any]:
+    """Ray options giving a task or actor the config's S3 credentials as the standard AWS
+    environment variables (which the S3 client reads when the config has none); {} when
+    the config has none either."""
+    s3 = storage.s3
+    if not (s3.key and s3.secret):
+        return {}
+    env = {CREDENTIAL_ENV["key"]: s3.key.get_secret_value(), CREDENTIAL_ENV["secret"]: s3.secret.get_secret_value()}
+    return {"runtime_env": {"env_vars": env}}
 
 
 def _s3_options() -> dict[str, Any]:
@@ -120,6 +143,14 @@ def list_files(url: str) -> list[str]:
         if not fs.exists(path):
             return []
         return sorted(_unstrip(url, p) for p in fs.find(path))
+
+
+def file_sizes(url: str) -> dict[str, int]:
+    """The size of every file under a directory, recursively, by URL (one listing)."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return {}
+    return {_unstrip(url, p): int(info["size"]) for p, info in fs.find(path, detail=True).items()}
 
 
 def _unstrip(reference: str, path: str) -> str:

@@ -38,7 +38,9 @@ def pyproject() -> dict:
 
 
 def pinned(name: str) -> str:
-    for dep in pyproject()["dependencies"]:
+    """The version pyproject.toml pins `name` to, in the dependencies or any extra."""
+    project = pyproject()
+    for dep in [*project["dependencies"], *(d for extra in project.get("optional-dependencies", {}).values() for d in extra)]:
         if re.split(r"[\[=<>]", dep, 1)[0] == name:
             return dep.split("==", 1)[1]
     raise KeyError(name)

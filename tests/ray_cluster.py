@@ -184,10 +184,10 @@ def start_cluster(head_cpus: int = 2, worker_cpus: list[int] = (), env: dict[str
     try:
         output, sid = _ray_start(head, node_env, temp_dir)
         cluster.sids.append(sid)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # a guard against a hang; a loaded machine may be slow
         while not _dashboard_ready(cluster.address):
             if time.monotonic() > deadline:
-                raise RayStartError(f"the Ray dashboard at {cluster.address} did not answer within 60 s\n{_diagnostics(temp_dir, output)}")
+                raise RayStartError(f"the Ray dashboard at {cluster.address} did not answer within 300 s\n{_diagnostics(temp_dir, output)}")
             time.sleep(0.5)
         for cpus in worker_cpus:
             cluster.add_node(cpus)

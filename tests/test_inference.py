@@ -152,3 +152,13 @@ def test_lm_evals_own_command_line_runs_the_illada_model(checkpoint, tmp_path):
     done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "illada-lm-eval"), *argv], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "illada_toy_mc" in done.stdout and "acc" in done.stdout, done.stdout[-2000:]
+
+
+def test_training_runs_where_ray_is_not_installed(checkpoint, tmp_path):
+    """A GPU node under torchrun may have no Ray: `illada train` must not import it."""
+    config = os.path.join(os.path.dirname(os.path.dirname(checkpoint)), "train.yaml")
+    without_ray = "import sys; sys.modules['ray'] = None; from illada.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["train", config, f"train.checkpoint.dir={tmp_path / 'ckpt'}", f"train.init_from={checkpoint}", "train.steps=2", "train.checkpoint.interval=2"]
+    done = subprocess.run([sys.executable, "-c", without_ray, *argv], capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "step_00000002" / "illada.json").is_file()

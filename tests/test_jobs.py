@@ -19,7 +19,7 @@ from illada import storage
 from illada.cli import main
 from tests.ray_cluster import VENV_BIN, RayStartError, start_cluster
 
-STAGE_NAMES = ["ingest", "dedup_exact", "dedup_fuzzy", "tokenizer", "tokenize", "pack"]
+STAGE_NAMES = ["ingest", "dedup_exact", "dedup_fuzzy", "decontaminate", "tokenizer", "tokenize", "pack"]
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_a_training_job_runs_from_a_working_dir_or_from_an_image_with_its_config
         "root": "run",
         "storage": {"s3": {"key": "AKIASTAGEDKEY", "secret": "staged-secret-value"}},
         "model": {"preset": "tiny"},
-        "train": {"steps": 2, "global_batch_size": 2, "checkpoint": {"dir": "ckpt"}, "init_from": "old/step_00000010"},
+        "train": {"steps": 2, "global_batch_size": 2, "optim": {"warmup_steps": 1}, "checkpoint": {"dir": "ckpt"}, "init_from": "old/step_00000010"},
     }
     config = load_config(base=raw)
 

@@ -55,3 +55,23 @@ def test_random_length_cuts_a_fraction_of_batches():
     assert 0.2 < len([n for n in lengths if n != 32]) / 2000 < 0.3
     assert min(cut) >= 1 and max(lengths) == 32
     assert random_length(tokens, 0.0, g) is tokens
+
+
+def test_padding_is_never_masked_nor_scored():
+    tokens = torch.randint(10, 100, (3, 16), generator=torch.Generator().manual_seed(6))
+    valid = torch.arange(16)[None, :] < torch.tensor([16, 11, 4])[:, None]  # rows with 0, 5 and 12 pad tokens
+    noised = add_noise(tokens, MASK, torch.Generator().manual_seed(7), valid=valid)
+
+    # The same draws as without padding, step by step; only real tokens may be masked.
+    g = torch.Generator().manual_seed(7)
+    p = (1 - EPS) * torch.rand(3, generator=g) + EPS
+    u = torch.rand(3, 16, generator=g)
+    reference = (u < p[:, None]) & valid
+    assert torch.equal(noised.masked, reference) and not noised.masked[~valid].any()
+    assert torch.equal(noised.tokens[~valid], tokens[~valid])
+
+    ce = torch.rand(3, 16, generator=torch.Generator().manual_seed(8))
+    expected = sum(ce[b, i].item() / p[b].item() for b in range(3) for i in range(16) if reference[b, i]) / int(valid.sum())
+    assert abs(diffusion_loss(ce, noised).item() - expected) < 1e-6
+    ce[~valid] = 1000.0  # whatever the model predicts on padding does not matter
+    assert abs(diffusion_loss(ce, noised).item() - expected) < 1e-6

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,7 +21,10 @@ PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([*PIP, "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO)], check=True, capture_output=True, timeout=600)
+    # A copy of the sources: setuptools leaves build/ in the tree it builds from.
+    source = out / "source"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(".git", ".venv*", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+    subprocess.run([*PIP, "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)], check=True, capture_output=True, timeout=600)
     [built] = out.glob("illada-*.whl")
     return built
 

@@ -8,7 +8,7 @@ from illada import storage
 from illada.cli import main
 from illada.data.shards import read_sequences
 
-STAGE_NAMES = ["ingest", "dedup_exact", "dedup_fuzzy", "tokenizer", "tokenize", "pack"]
+STAGE_NAMES = ["ingest", "dedup_exact", "dedup_fuzzy", "decontaminate", "tokenizer", "tokenize", "pack"]
 
 
 def _manifests(root: str) -> dict[str, dict]:

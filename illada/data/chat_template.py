@@ -11,21 +11,22 @@ trained on, so it learns to end an answer: end-of-turn, then end-of-text to the 
 
 At inference the same prompt (a conversation ending with a user message, then the
 assistant role token) is what the model continues. All ids come from the tokenizer
-(illada.data.special_tokens.special_ids): none is hard-coded.
+(illada.data.special_tokens.special_ids): none is hard-coded. Message contents are plain text:
+a literal "<|eot|>" typed in a message is encoded as characters, not as end-of-turn.
 """
 
 from __future__ import annotations
 
 from tokenizers import Tokenizer
 
-from illada.data.special_tokens import special_ids
+from illada.data.special_tokens import plain_text, special_ids
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 
 class ChatTemplate:
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
+        self.tokenizer = plain_text(tokenizer)  # sets the flag on the caller's tokenizer too
         self.ids = special_ids(tokenizer)
 
     def _contents(self, conversations: list[list[Message]]) -> list[list[int]]:

@@ -44,7 +44,7 @@ def chat_task(spec: dict) -> dict:
 
 
 def run_chat(ctx: StageContext) -> dict:
-    docs = ctx.input_files("dedup_fuzzy", "documents")
+    docs = ctx.input_files("decontaminate", "documents")
     tokenizer = tokenizer_url(ctx.inputs["tokenizer"], ctx.root)
     specs = {
         f"{i:06d}": {
@@ -69,7 +69,7 @@ def run_chat(ctx: StageContext) -> dict:
 
 STAGE = Stage(
     name="chat",
-    inputs=("dedup_fuzzy", "tokenizer"),
+    inputs=("decontaminate", "tokenizer"),
     run=run_chat,
     identity=lambda config: {"batch_size": config.data.tokenize.batch_size},
     code=(conversations, chat_template),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -42,6 +43,9 @@ class DocumentWriter:
         if exc is None:
             self._flush()
             self._writer.close()
+        else:  # close it here, not in its __del__ after the file is gone; the file is discarded
+            with contextlib.suppress(Exception):
+                self._writer.close()
         self._atomic.__exit__(exc_type, exc, tb)
         if exc is None:
             self.info = {"sha256": self._hashing.hexdigest(), "bytes": self._hashing.bytes_written, "rows": self.rows}

@@ -6,32 +6,57 @@ and stored as its canonical JSON text (illada.data.conversations) for the SFT pi
 task reads one jsonl/parquet file, or a group of text files, streaming; it writes
 `docs/<source>/<task>.parquet` and, if any record was bad, `quarantine/<source>/<task>.jsonl`
 with the reason, the location and the raw record.
+
+Accounting is in rows. A file that cannot be read to its end (a truncated or corrupt
+compressed stream, an unreadable Parquet file, a Parquet file without the content column)
+is quarantined as a unit: none of its documents is kept, and one quarantine line records
+its reason, the rows read from it (all of a Parquet file's rows, from its footer) and its
+size in bytes. The bound `max_quarantine_fraction` applies per source to the rows and,
+for damage whose rows cannot be counted, to the bytes. A file without any record, or a
+source left with no document, is an error naming it.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import json
+import logging
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+import zstandard
 
 from illada import storage
-from illada.config import Config, IngestConfig, SourceConfig
+from illada.config import Config, ConfigError, IngestConfig, SourceConfig
+from illada.errors import UserError
 from illada.data import conversations
 from illada.data.documents import DocumentWriter
 from illada.pipeline.stage import Stage, StageContext, file_entry
 
+log = logging.getLogger(__name__)
+
 TEXT_FILES_PER_TASK = 256
 COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+CHUNK = 1 << 20
 
 
-class QuarantineError(RuntimeError):
+class QuarantineError(UserError):
     """Too many records were malformed; the message names the files holding them."""
+
+
+class DamagedFile(Exception):
+    """A file that cannot be read to its end; it is quarantined whole."""
+
+    def __init__(self, name: str, reason: str, detail: str, rows: int):
+        super().__init__(f"{name}: {reason}: {detail}")
+        self.name, self.reason, self.detail, self.rows = name, reason, detail, rows
 
 
 @dataclass
@@ -116,32 +141,64 @@ def read_records(source: SourceConfig, url: str, name: str) -> Iterator[Record]:
 
 
 def _jsonl_records(source: SourceConfig, url: str, name: str) -> Iterator[Record]:
-    suffix = next((s for s in COMPRESSION if url.lower().endswith(s)), None)
-    with storage.open_read(url, "rb", compression=COMPRESSION.get(suffix)) as f:
-        for line_no, raw in enumerate(_lines(f), start=1):
+    rows = 0
+    try:
+        for line_no, raw in enumerate(_lines(_decompressed(url)), start=1):
             location = f"{name}:{line_no}"
             if not raw.strip():
                 continue  # blank lines between records are not records
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield Record(location, raw=raw, problem=f"invalid_utf8: {e.reason} at byte {e.start}")
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield Record(location, raw=line, problem=f"bad_json: {e.msg} at column {e.colno}")
-                continue
-            if not isinstance(obj, dict):
-                yield Record(location, raw=line, problem=f"not_an_object: a JSON {type(obj).__name__}")
-                continue
-            yield _record_from_mapping(source, obj, location, raw=line)
+            rows += 1
+            yield _jsonl_record(source, raw, location)
+    except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as e:
+        reason = "truncated" if isinstance(e, EOFError) else "undecodable"
+        raise DamagedFile(name, reason, str(e) or type(e).__name__, rows) from e
 
 
-def _lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    """Lines of a binary stream; works on decompressors that cannot readline."""
+def _jsonl_record(source: SourceConfig, raw: bytes, location: str) -> Record:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Record(location, raw=raw, problem=f"invalid_utf8: {e.reason} at byte {e.start}")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return Record(location, raw=line, problem=f"bad_json: {e.msg} at column {e.colno}")
+    if not isinstance(obj, dict):
+        return Record(location, raw=line, problem=f"not_an_object: a JSON {type(obj).__name__}")
+    return _record_from_mapping(source, obj, location, raw=line)
+
+
+def _decompressed(url: str) -> Iterator[bytes]:
+    """The bytes of a file, decompressed by its suffix; EOFError if a compressed stream
+    ends before its end marker (gzip raises it itself; zstd's stream reader does not)."""
+    suffix = next((s for s in COMPRESSION if url.lower().endswith(s)), None)
+    with storage.open_read(url, "rb", compression="gzip" if suffix == ".gz" else None) as f:
+        if COMPRESSION.get(suffix) == "zstd":
+            yield from _zstd_frames(f)
+        else:
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+
+def _zstd_frames(f) -> Iterator[bytes]:
+    """Decompress every zstd frame of a stream, checking that the last one is complete."""
+    frame, in_frame = zstandard.ZstdDecompressor().decompressobj(), False
+    while chunk := f.read(CHUNK):
+        while chunk:
+            in_frame = True
+            yield frame.decompress(chunk)
+            if not frame.eof:
+                break
+            chunk, in_frame = frame.unused_data, False
+            frame = zstandard.ZstdDecompressor().decompressobj()
+    if in_frame:
+        raise EOFError("the zstd stream ends inside a frame (the file is cut short)")
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Lines of a stream of byte chunks."""
     tail = b""
-    while chunk := f.read(chunk_size):
+    for chunk in chunks:
         lines = (tail + chunk).split(b"\n")
         tail = lines.pop()
         yield from lines
@@ -150,18 +207,24 @@ def _lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
 
 
 def _parquet_records(source: SourceConfig, url: str, name: str) -> Iterator[Record]:
-    with storage.open_read(url) as f:
-        parquet = pq.ParquetFile(f)
-        field = _content_field(source)
-        if field not in parquet.schema_arrow.names:
-            reason = "missing_messages" if source.format == "chat" else "missing_text"
-            yield Record(f"{name}", raw={"columns": parquet.schema_arrow.names}, problem=f"{reason}: no column {field!r}")
-            return
-        row = 0
-        for batch in parquet.iter_batches(batch_size=1024):
-            for obj in batch.to_pylist():
-                yield _record_from_mapping(source, obj, f"{name}#{row}", raw=obj)
-                row += 1
+    rows = None
+    try:
+        with storage.open_read(url) as f:
+            parquet = pq.ParquetFile(f)
+            rows = parquet.metadata.num_rows
+            field = _content_field(source)
+            if field not in parquet.schema_arrow.names:
+                reason = "missing_messages" if source.format == "chat" else "missing_text"
+                raise DamagedFile(name, reason, f"no column {field!r} (columns: {parquet.schema_arrow.names})", rows)
+            row = 0
+            for batch in parquet.iter_batches(batch_size=1024):
+                for obj in batch.to_pylist():
+                    yield _record_from_mapping(source, obj, f"{name}#{row}", raw=obj)
+                    row += 1
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, (FileNotFoundError, PermissionError, ConnectionError)):
+            raise  # the storage failed, not the file
+        raise DamagedFile(name, "unreadable_parquet", str(e), rows or 0) from e
 
 
 def _content_field(source: SourceConfig) -> str:
@@ -246,6 +309,11 @@ class QuarantineWriter:
         self._out.write(line.encode())
         self.rows += 1
 
+    def write_unit(self, source: str, unit: dict) -> None:
+        """One line for a whole file quarantined as a unit (its raw bytes stay where they are)."""
+        entry = {"reason": unit["reason"], "detail": unit["detail"], "source": source, "location": unit["file"], "unit": "file", "rows": unit["rows"], "bytes": unit["bytes"]}
+        self.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
     def __exit__(self, *exc) -> None:
         self._stack.__exit__(*exc)
 
@@ -256,17 +324,43 @@ class QuarantineWriter:
 
 
 def ingest_task(spec: dict) -> dict:
+    """Ingest a task's files. A file found damaged part-way is quarantined whole: the task
+    starts again (its outputs are written atomically, so nothing of the first try remains)."""
+    damaged: dict[str, dict] = {}
+    while True:
+        try:
+            return _ingest_files(spec, damaged)
+        except DamagedFile as e:
+            url = next(f["url"] for f in spec["files"] if f["name"] == e.name)
+            damaged[e.name] = {"file": e.name, "reason": e.reason, "detail": e.detail, "rows": e.rows, "bytes": _size(url)}
+
+
+def _size(url: str) -> int:
+    fs, path = storage.filesystem(url)
+    return int(fs.size(path))
+
+
+def _ingest_files(spec: dict, damaged: dict[str, dict]) -> dict:
     source = SourceConfig.model_validate(spec["source"])
     cfg = IngestConfig.model_validate(spec["ingest"])
     reasons: Counter[str] = Counter()
-    seen = kept = chars = 0
+    seen = kept = chars = total_bytes = 0
+    empty_files = []
     with (
         DocumentWriter(spec["docs_url"], rows_per_batch=cfg.rows_per_batch) as writer,
         QuarantineWriter(spec["quarantine_url"]) as quarantine,
     ):
         for file in spec["files"]:
+            total_bytes += _size(file["url"])
+            if file["name"] in damaged:
+                unit = damaged[file["name"]]
+                quarantine.write_unit(source.name, unit)
+                reasons[unit["reason"]] += unit["rows"]
+                seen += unit["rows"]
+                continue
+            rows = 0
             for record in read_records(source, file["url"], file["name"]):
-                seen += 1
+                rows += 1
                 problem = problem_of(record, cfg, _content_field(source))
                 if problem:
                     reasons[problem.split(":", 1)[0]] += 1
@@ -277,7 +371,20 @@ def ingest_task(spec: dict) -> dict:
                 writer.write(id=doc_id, text=record.text, source=source.name, metadata=metadata)
                 kept += 1
                 chars += len(record.text)
-    result = {"source": source.name, "records": seen, "documents": kept, "chars": chars, "quarantined": dict(reasons), "docs": writer.info}
+            seen += rows
+            if rows == 0:
+                empty_files.append(file["name"])
+    result = {
+        "source": source.name,
+        "records": seen,
+        "documents": kept,
+        "chars": chars,
+        "quarantined": dict(reasons),
+        "bytes": total_bytes,
+        "damaged": list(damaged.values()),
+        "empty_files": empty_files,
+        "docs": writer.info,
+    }
     if quarantine.info():
         result["quarantine"] = quarantine.info()
     return result
@@ -305,30 +412,63 @@ def run_ingest(ctx: StageContext) -> dict:
         if "quarantine" in r:
             q = r["quarantine"]
             files.append(file_entry(ctx, spec["quarantine_url"], "quarantine", q["sha256"], q["bytes"], rows=q["rows"], source=r["source"]))
-        s = stats["sources"].setdefault(r["source"], {"records": 0, "documents": 0, "chars": 0, "quarantined": {}})
-        for key in ("records", "documents", "chars"):
+        s = stats["sources"].setdefault(r["source"], {"records": 0, "documents": 0, "chars": 0, "bytes": 0, "quarantined": {}, "damaged_files": [], "empty_files": []})
+        for key in ("records", "documents", "chars", "bytes"):
             s[key] += r[key]
+        s["damaged_files"] += r["damaged"]
+        s["empty_files"] += r["empty_files"]
         for reason, n in r["quarantined"].items():
             s["quarantined"][reason] = s["quarantined"].get(reason, 0) + n
+    for name, s in stats["sources"].items():
+        for d in s["damaged_files"]:
+            log.warning("source %s: quarantined the whole file %s (%s: %s; %d rows, %d bytes)", name, d["file"], d["reason"], d["detail"], d["rows"], d["bytes"])
+    _check_no_empty_file(stats["sources"])
     _check_quarantine_rate(ctx, stats["sources"], files)
+    _check_no_empty_source(stats["sources"])
     stats["documents"] = sum(s["documents"] for s in stats["sources"].values())
     stats["quarantined"] = sum(sum(s["quarantined"].values()) for s in stats["sources"].values())
     return {"files": files, "stats": stats}
+
+
+def _check_no_empty_file(sources: dict) -> None:
+    for name, s in sources.items():
+        if s["empty_files"]:
+            shown = ", ".join(s["empty_files"][:5]) + (" ..." if len(s["empty_files"]) > 5 else "")
+            raise ConfigError(f"source {name!r}: {len(s['empty_files'])} input file(s) hold no record: {shown}; remove them from data.sources paths")
+
+
+def _check_no_empty_source(sources: dict) -> None:
+    for name, s in sources.items():
+        if s["documents"] == 0:
+            raise ConfigError(
+                f"source {name!r} has no valid document ({s['records']} rows read, all quarantined); "
+                "fix its input or remove it from data.sources (a source without data cannot get a mix weight)"
+            )
 
 
 def _check_quarantine_rate(ctx: StageContext, sources: dict, files: list[dict]) -> None:
     bound = ctx.config.data.ingest.max_quarantine_fraction
     for name, s in sources.items():
         bad = sum(s["quarantined"].values())
-        if s["records"] and bad / s["records"] > bound:
-            where = [ctx.absolute(f["path"]) for f in files if f["kind"] == "quarantine" and f["source"] == name]
-            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(s["quarantined"].items(), key=lambda x: -x[1]))
-            raise QuarantineError(
-                f"source {name!r}: {bad} of {s['records']} records ({bad / s['records']:.1%}) are malformed, "
-                f"over data.ingest.max_quarantine_fraction={bound}. Reasons: {reasons}. "
-                f"See {', '.join(where[:3])}{' ...' if len(where) > 3 else ''}. "
-                f"Fix the input, or raise the bound if these records are expected."
-            )
+        damaged_bytes = sum(d["bytes"] for d in s["damaged_files"])
+        rows_over = s["records"] and bad / s["records"] > bound
+        bytes_over = s["bytes"] and damaged_bytes / s["bytes"] > bound
+        if not (rows_over or bytes_over):
+            continue
+        where = [ctx.absolute(f["path"]) for f in files if f["kind"] == "quarantine" and f["source"] == name]
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(s["quarantined"].items(), key=lambda x: -x[1]))
+        damage = "".join(
+            f" File {d['file']} is quarantined whole ({d['reason']}: {d['detail']}; {d['rows']} rows, {d['bytes']} bytes)." for d in s["damaged_files"][:3]
+        )
+        share = f"{bad} of {s['records']} rows ({bad / s['records']:.1%})" if s["records"] else "0 rows"
+        if bytes_over and not rows_over:
+            share = f"{damaged_bytes} of {s['bytes']} bytes ({damaged_bytes / s['bytes']:.1%}) are in damaged files; {share}"
+        raise QuarantineError(
+            f"source {name!r}: {share} are malformed, "
+            f"over data.ingest.max_quarantine_fraction={bound}.{damage} Reasons (rows): {reasons}. "
+            f"See {', '.join(where[:3])}{' ...' if len(where) > 3 else ''}. "
+            f"Fix the input, or raise the bound if these records are expected."
+        )
 
 
 def _identity(config: Config) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from illada import storage
-from illada.config import PackConfig
+from illada.config import ConfigError, PackConfig
 from illada.data.documents import DocumentWriter, iter_batches, read_table
 from illada.data.shards import ShardWriter
 from illada.pipeline.stage import Stage, StageContext, file_entry
@@ -136,6 +136,17 @@ def run_pack(ctx: StageContext) -> dict:
     return _manifest_body(ctx, [packed[t] for t in sorted(packed)] + [tails[s] for s in sources], packed, special)
 
 
+def require_data_for_every_source(mix: dict[str, float], counts: dict[str, int], what: str) -> None:
+    """Refuse to finish with a source of the mix that has nothing left (all its documents
+    deduplicated or dropped): training would give its weight to no data."""
+    empty = [name for name, weight in mix.items() if weight > 0 and not counts.get(name)]
+    if empty:
+        raise ConfigError(
+            f"source(s) {', '.join(repr(n) for n in empty)} have no {what} left after ingest, deduplication and tokenization "
+            "(see the ingest and dedup manifests' stats); remove them from data.sources or fix their input"
+        )
+
+
 def _manifest_body(ctx: StageContext, results: list[dict], packed: dict, special: dict) -> dict:
     files, per_source = [], {}
     for r in results:
@@ -147,6 +158,7 @@ def _manifest_body(ctx: StageContext, results: list[dict], packed: dict, special
             s["tokens"] += shard["tokens"]
             s["pad_tokens"] += shard["pad"]
             s["shards"] += 1
+    require_data_for_every_source(ctx.config.data.mix(), {n: s["sequences"] for n, s in per_source.items()}, "sequences")
     stats = {
         "seq_len": ctx.config.data.pack.seq_len,
         "mix": ctx.config.data.mix(),

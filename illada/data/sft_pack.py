@@ -23,6 +23,7 @@ import numpy as np
 from illada.config import SFTDataConfig
 from illada.data import shards
 from illada.data.documents import iter_batches
+from illada.data.pack import require_data_for_every_source
 from illada.pipeline.stage import Stage, StageContext, file_entry
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def _manifest_body(ctx: StageContext, results: list[dict], special: dict) -> dic
         for shard in r["shards"]:
             files.append(file_entry(ctx, shard["url"], "shard", shard["sha256"], shard["bytes"], sequences=shard["sequences"], tokens=shard["tokens"], source=r["source"]))
             s["shards"] += 1
+    require_data_for_every_source(ctx.config.data.mix(), {n: s["samples"] for n, s in per_source.items()}, "samples")
     cfg = ctx.config.data.sft
     stats = {
         "format": FORMAT,

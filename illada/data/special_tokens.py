@@ -24,3 +24,10 @@ def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
     if missing:
         raise ValueError(f"tokenizer lacks special tokens {missing}")
     return ids
+
+
+def plain_text(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer set to encode special-token strings found in text as ordinary text
+    (tokenizers' `encode_special_tokens`), never as their special ids. Returns it."""
+    tokenizer.encode_special_tokens = True
+    return tokenizer

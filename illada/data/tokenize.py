@@ -19,6 +19,7 @@ from tqdm import tqdm
 from illada import storage
 from illada.config import StorageConfig
 from illada.data.documents import DocumentWriter, iter_batches
+from illada.data.special_tokens import plain_text
 from illada.data.tokenizer import tokenizer_url
 from illada.pipeline.stage import Stage, StageContext, file_entry
 
@@ -32,7 +33,8 @@ TOKENS_SCHEMA = pa.schema(
 
 
 def encode(tokenizer: Tokenizer, texts: list[str]) -> pa.LargeListArray:
-    """Token ids of each text, as one Arrow list array (no per-token Python objects)."""
+    """Token ids of each text, as one Arrow list array (no per-token Python objects).
+    `tokenizer` must be `plain_text`: raw text never yields special ids."""
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     return pa.array([e.ids for e in encodings], type=pa.large_list(pa.int32()))
 
@@ -42,7 +44,7 @@ class TokenizeFiles:
 
     def __init__(self, tokenizer_url: str, storage_config: StorageConfig, batch_size: int):
         storage.configure(storage_config)
-        self.tokenizer = Tokenizer.from_str(storage.read_bytes(tokenizer_url).decode())
+        self.tokenizer = plain_text(Tokenizer.from_str(storage.read_bytes(tokenizer_url).decode()))
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -64,7 +66,7 @@ class TokenizeFiles:
 
 def run_tokenize(ctx: StageContext) -> dict:
     cfg = ctx.config.data.tokenize
-    docs = ctx.input_files("dedup_fuzzy", "documents")
+    docs = ctx.input_files("decontaminate", "documents")
     specs = {
         f"{i:06d}": {"src": ctx.absolute(f["path"]), "dst": ctx.path("tokens", f["source"], f"{i:06d}.parquet"), "source": f["source"]}
         for i, f in enumerate(docs)
@@ -75,10 +77,11 @@ def run_tokenize(ctx: StageContext) -> dict:
         workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         dataset = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
             TokenizeFiles,
-            fn_constructor_args=(tokenizer_url(ctx.inputs["tokenizer"], ctx.root), ctx.config.storage, cfg.batch_size),
+            fn_constructor_args=(tokenizer_url(ctx.inputs["tokenizer"], ctx.root), storage.without_credentials(ctx.config.storage), cfg.batch_size),
             batch_size=1,
             compute=ActorPoolStrategy(min_size=1, max_size=min(workers, len(pending))),
             num_cpus=1,
+            **storage.worker_env(ctx.config.storage),
         )
         with tqdm(total=len(specs), initial=len(specs) - len(pending), desc="tokenize/encode", unit="file") as bar:
             for row in dataset.iter_rows():
@@ -99,7 +102,7 @@ def run_tokenize(ctx: StageContext) -> dict:
 
 STAGE = Stage(
     name="tokenize",
-    inputs=("dedup_fuzzy", "tokenizer"),
+    inputs=("decontaminate", "tokenizer"),
     run=run_tokenize,
     identity=lambda config: {"batch_size": config.data.tokenize.batch_size},
     description="Encode documents to token ids with batch encoding on a Ray Data actor pool.",

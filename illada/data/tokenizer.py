@@ -4,6 +4,9 @@ The special tokens the model needs sit at fixed ids 0-6 of a trained tokenizer (
 iLLaDA release uses mask id 5). A loaded tokenizer keeps its own ids; tokens it lacks are
 added. Either way the ids are recorded in the manifest and read from there downstream:
 no other module hard-codes them.
+
+Special ids come only from the pipeline (noising, document ends, the chat template): raw
+text is encoded with `plain_text`, so a literal "<|mask|>" in a document is ordinary text.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def run_tokenizer(ctx: StageContext) -> dict:
     mix = ctx.config.data.mix()
     spec = {
         "path": cfg.path,
-        "files": ctx.input_files("dedup_fuzzy", "documents"),
+        "files": ctx.input_files("decontaminate", "documents"),
         "root": ctx.root,
         "quota": {name: max(1, round(share * cfg.train_sample_docs)) for name, share in mix.items()},
         "vocab_size": cfg.vocab_size,
@@ -97,7 +100,7 @@ def tokenizer_url(manifest: dict, root: str) -> str:
 
 STAGE = Stage(
     name="tokenizer",
-    inputs=("dedup_fuzzy",),
+    inputs=("decontaminate",),
     run=run_tokenizer,
     identity=lambda config: {
         "tokenizer": config.data.tokenizer.model_dump(mode="json"),

@@ -21,12 +21,14 @@ def add_parsers(sub) -> None:
     e.add_argument("checkpoint", help="a checkpoint directory, or a folder of them (the latest complete one is used)")
     e.add_argument("--task", action="append", required=True, help="task name; repeat for several")
     e.add_argument("--scorer", choices=["confidence", "likelihood"], default="confidence", help="loglikelihood requests: iLLaDA's confidence score or the Monte-Carlo ELBO")
+    e.add_argument("--confidence-order", choices=["target", "argmax"], default="target", help="confidence scorer: reveal next the masked position most confident of the candidate's token (target, default) or of its own top token (argmax, the sampler's confidence)")
     e.add_argument("--mc-num", type=int, default=128, help="Monte-Carlo samples per ELBO (default 128; LLaDA uses 1 for MMLU-like tasks)")
     e.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     e.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
     e.add_argument("--block-length", type=int, default=32, help="generation tasks: the sampler's block length (default 32)")
     e.add_argument("--threshold", type=float, default=None, help="generation tasks: Fast-dLLM threshold decoding")
     e.add_argument("--prefix-cache", action="store_true", help="generation tasks: Fast-dLLM prefix cache")
+    e.add_argument("--repetition-guard", action="store_true", help="generation tasks: re-denoise blocks that fall into a repeating n-gram loop (default off, as LLaDA's evaluation)")
     e.add_argument("--shard", default=None, help="perplexity: an .arrow shard of the pack stage (default: the pack manifest's shards, last first)")
     e.add_argument("--max-sequences", type=int, default=64, help="perplexity: at most this many sequences (default 64)")
     e.add_argument("--include-harness-tasks", action="store_true", help="also offer lm-eval's own tasks (they download hub datasets)")
@@ -45,20 +47,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if PERPLEXITY in args.task:
         results[PERPLEXITY] = shard_perplexity(loaded, args.shard, args.max_sequences, args.mc_num, args.batch_size, args.seed)
     if harness_tasks:
-        from illada.eval.harness import IlladaLM, run_tasks
+        from illada.eval.harness import run_tasks
 
-        lm = IlladaLM(
-            loaded,
-            scorer=args.scorer,
-            mc_num=args.mc_num,
-            batch_size=args.batch_size,
-            block_length=args.block_length,
-            threshold=args.threshold,
-            prefix_cache=args.prefix_cache,
-            seed=args.seed,
-        )
         try:
-            results.update(run_tasks(lm, harness_tasks, limit=args.limit, bootstrap_iters=args.bootstrap_iters, include_harness_tasks=args.include_harness_tasks))
+            results.update(run_tasks(harness_model(loaded, args), harness_tasks, limit=args.limit, bootstrap_iters=args.bootstrap_iters, include_harness_tasks=args.include_harness_tasks))
         except ValueError as e:
             print(f"illada: error: eval: {e}", file=sys.stderr)
             return 2
@@ -67,6 +59,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         with open(args.json_path, "w") as f:
             json.dump(results, f, indent=2, default=str)
     return 0
+
+
+def harness_model(loaded, args: argparse.Namespace):
+    """The harness model `illada eval` scores with, as its flags configure it."""
+    from illada.eval.harness import IlladaLM
+
+    return IlladaLM(
+        loaded,
+        scorer=args.scorer,
+        confidence_order=args.confidence_order,
+        mc_num=args.mc_num,
+        batch_size=args.batch_size,
+        block_length=args.block_length,
+        threshold=args.threshold,
+        prefix_cache=args.prefix_cache,
+        repetition_guard=args.repetition_guard,
+        seed=args.seed,
+    )
 
 
 def shard_perplexity(loaded, shard: str | None, max_sequences: int, mc_num: int, batch_size: int, seed: int) -> dict:

@@ -3,13 +3,17 @@
     lm = IlladaLM(load_for_inference(checkpoint), scorer="confidence")
     results = run_tasks(lm, ["illada_toy_mc"])            # tasks from illada/eval/tasks/
 
-- loglikelihood(context, continuation): the confidence score (`confidence.py`) or the
-  Monte-Carlo ELBO (`likelihood.py`, mc_num samples); is_greedy is the confidence scorer's
-  own, or for the ELBO whether one pass over the fully masked continuation predicts it.
+- loglikelihood(context, continuation): the confidence score (`confidence.py`; its reveal
+  order `confidence_order`: "target", the candidate's own token, or "argmax", the model's
+  top token) or the Monte-Carlo ELBO (`likelihood.py`, mc_num samples); is_greedy is the
+  confidence scorer's own, or for the ELBO whether one pass over the fully masked
+  continuation predicts it.
 - loglikelihood_rolling(text): the ELBO of the text (no context), chunked to the model's
   max_seq_len.
 - generate_until(context, {until, max_gen_toks}): the sampler (block_length, steps per
   block, threshold, prefix cache as configured), cut at the first stop token or `until`.
+  The repetition guard is off unless asked for (`repetition_guard=True`), so generation
+  scores compare with LLaDA's, whose evaluation has none.
 
 Contexts and continuations are tokenized as the harness's own models do: the whole string,
 split where the context's tokens end, with the context's trailing spaces moved to the
@@ -27,7 +31,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import simple_parse_args_string
 
-from illada.eval.confidence import confidence_scores
+from illada.eval.confidence import ORDERS, confidence_scores
 from illada.eval.likelihood import elbo, greedy_matches
 from illada.sampling.repetition import RepetitionGuard
 from illada.sampling.sampler import Decoding, SamplerConfig, generate
@@ -43,20 +47,24 @@ class IlladaLM(LM):
         loaded,
         *,
         scorer: str = "confidence",
+        confidence_order: str = "target",
         mc_num: int = 128,
         batch_size: int = 16,
         block_length: int = 32,
         steps_per_block: int | None = None,
         threshold: float | None = None,
         prefix_cache: bool = False,
-        repetition_guard: bool = True,
+        repetition_guard: bool = False,
         seed: int = 1234,
     ):
         super().__init__()
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {', '.join(SCORERS)} (got {scorer!r})")
+        if confidence_order not in ORDERS:
+            raise ValueError(f"confidence_order must be one of {', '.join(ORDERS)} (got {confidence_order!r})")
         self.loaded = loaded
         self.scorer, self.mc_num, self.batch_size = scorer, mc_num, batch_size
+        self.confidence_order = confidence_order
         self.block_length = block_length
         self.steps_per_block = steps_per_block or block_length
         self.decoding = Decoding(threshold=threshold)
@@ -98,7 +106,7 @@ class IlladaLM(LM):
         pairs = [self._encode_pair(*r.args) for r in requests]
         model, special = self.loaded.model, self.loaded.special
         if self.scorer == "confidence":
-            return [(s.logprob, s.greedy) for s in confidence_scores(model, pairs, special, batch_size=self.batch_size)]
+            return [(s.logprob, s.greedy) for s in confidence_scores(model, pairs, special, order=self.confidence_order, batch_size=self.batch_size)]
         ll = elbo(model, pairs, special, mc_num=self.mc_num, batch_size=self.batch_size, generator=self._generator())
         return list(zip(ll, greedy_matches(model, pairs, special, self.batch_size)))
 

@@ -9,7 +9,8 @@ The estimate of log p(answer | prompt) is -mean_i loss_i, a lower bound in expec
 The counts m_i are low-discrepancy: one random start k in 1..L, then evenly spaced by
 L / mc_num and wrapped into 1..L (LLaDA spreads them the same way within each batch of
 16; spreading them over all samples makes the estimate independent of the batch size).
-mc_num = 1 is what LLaDA uses for MMLU-like tasks, 128 elsewhere.
+mc_num = 1 is what LLaDA uses for MMLU-like tasks, 128 elsewhere. With classifier-free
+guidance (cfg_scale > 0) the unconditional pass masks the prompt only.
 """
 
 from __future__ import annotations
@@ -47,25 +48,28 @@ def elbo(
     samples = [_sample(i, prompt, answer, int(m), special.mask, generator) for i, (prompt, answer) in enumerate(pairs) if len(answer) for m in mask_counts(len(answer), mc_num, generator)]
     total = [0.0] * len(pairs)
     for chunk in _chunks(samples, batch_size):
-        for (i, _, _, weight), ce in zip(chunk, _masked_ce(model, chunk, special, cfg_scale)):
+        for (i, _, _, weight, _), ce in zip(chunk, _masked_ce(model, chunk, special, cfg_scale)):
             total[i] -= ce * weight / mc_num
     return total
 
 
 def _sample(i: int, prompt: torch.Tensor, answer: torch.Tensor, m: int, mask_id: int, generator) -> tuple:
-    """(pair index, noisy sequence, clean sequence, L / m) with m answer positions masked."""
+    """(pair index, noisy sequence, clean sequence, L / m, prompt length) with m answer
+    positions masked."""
     clean = torch.cat([prompt, answer]).long()
     chosen = torch.randperm(len(answer), generator=generator)[:m] + len(prompt)
     noisy = clean.clone()
     noisy[chosen] = mask_id
-    return i, noisy, clean, len(answer) / m
+    return i, noisy, clean, len(answer) / m, len(prompt)
 
 
 def _masked_ce(model: LogitsFn, chunk: list[tuple], special: SpecialTokens, cfg_scale: float) -> list[float]:
-    """Summed cross entropy over the masked positions of each sample of the chunk."""
+    """Summed cross entropy over the masked positions of each sample of the chunk. With
+    guidance, the unconditional pass masks the prompt only, as LLaDA's get_log_likelihood
+    does: the answer's unmasked tokens stay visible in both passes."""
     noisy, keep = left_pad([s[1] for s in chunk], special.pad)
     clean, _ = left_pad([s[2] for s in chunk], special.pad)
-    given = (noisy != special.mask) if keep is None else keep & (noisy != special.mask)
+    given = _prompt_positions(noisy.shape[1], [(len(s[1]), s[4]) for s in chunk], noisy.device)
     logits = guided(lambda t, k: forward(model, t, k), noisy, keep, given, cfg_scale, special.mask)
     masked = noisy == special.mask
     if keep is not None:
@@ -73,6 +77,14 @@ def _masked_ce(model: LogitsFn, chunk: list[tuple], special: SpecialTokens, cfg_
     ce = torch.zeros(masked.shape, dtype=torch.float64, device=logits.device)
     ce[masked] = F.cross_entropy(logits[masked].double(), clean[masked].to(logits.device), reduction="none")
     return ce.sum(1).tolist()
+
+
+def _prompt_positions(width: int, lengths: list[tuple[int, int]], device) -> torch.Tensor:
+    """[b, width] bool: where each left-padded row's prompt is, from (sequence, prompt) lengths."""
+    given = torch.zeros(len(lengths), width, dtype=torch.bool, device=device)
+    for row, (total, prompt) in enumerate(lengths):
+        given[row, width - total : width - total + prompt] = True
+    return given
 
 
 def _chunks(items: list, size: int):

@@ -35,7 +35,7 @@ def add_lineage_parser(sub) -> None:
     mix.add_argument("--plot", metavar="FILE", help="also plot it to FILE (.png or .svg)")
     mix.set_defaults(func=cmd_mix)
 
-    verify = lineage.add_parser("verify", help="re-hash the shards and checkpoints it depends on; exit 1 if any changed or vanished")
+    verify = lineage.add_parser("verify", help="re-hash the shards and checkpoints it depends on; exit 1 if any changed or vanished (ancestors pruned by keep_last are reported, not failures)")
     _target_args(verify, "CHECKPOINT_OR_RUN")
     verify.add_argument("--format", choices=["text", "json"], default="text", help="output format (default: text)")
     verify.set_defaults(func=cmd_verify)
@@ -52,16 +52,24 @@ def _guarded(fn):
 
     def run(args: argparse.Namespace) -> int:
         from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import SQLAlchemyError
 
         from illada.lineage.graph import LineageError
 
         try:
             return fn(args)
         except (LineageError, MlflowException, ValueError) as e:
-            print(f"illada: error: {e}", file=sys.stderr)
+            print(f"illada: error: {_first_line(e)}", file=sys.stderr)
+            return 2
+        except SQLAlchemyError as e:  # a damaged database, found past its first query
+            print(f"illada: error: the MLflow database cannot be read: {_first_line(e)}", file=sys.stderr)
             return 2
 
     return run
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 @_guarded

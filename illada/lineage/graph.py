@@ -1,7 +1,7 @@
 """The lineage graph: from a checkpoint or an MLflow run back to the raw data.
 
     checkpoint <- parent checkpoints <- training run <- shards <- pack <- tokenize
-        <- tokenizer, dedup_fuzzy <- dedup_exact <- ingest <- raw sources
+        <- tokenizer, decontaminate <- dedup_fuzzy <- dedup_exact <- ingest <- raw sources
 
 Each link is looked up in MLflow first: a checkpoint's LoggedModel (by its path), the run
 that made it, the datasets that run read, and for each dataset the stage run whose output
@@ -35,18 +35,22 @@ from illada.lineage.record import (
     OUTPUT,
     PACK_DATASET,
     SHARDS_PREFIX,
+    SOURCE,
     TRAINING,
     shard_set_digest,
     shard_sets,
     short,
 )
 from illada.errors import UserError
-from illada.layout import CHECKPOINT_MARKER, checkpoint_info, is_complete_checkpoint, resolve_checkpoint
+from illada.layout import CHECKPOINT_MARKER, STEP_DIR, checkpoint_info, complete_checkpoints, is_complete_checkpoint, resolve_checkpoint
 from illada.tracking import tracking_uri_near
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-STAGE_ORDER = ("ingest", "dedup_exact", "dedup_fuzzy", "tokenizer", "tokenize", "pack")
-SUMMARY = ("documents", "quarantined", "documents_in", "duplicates", "near_duplicates", "documents_out", "disabled", "vocab_size", "tokens", "sequences", "seq_len")
+STAGE_ORDER = ("ingest", "dedup_exact", "dedup_fuzzy", "decontaminate", "tokenizer", "tokenize", "pack")
+SUMMARY = (
+    "documents", "quarantined", "documents_in", "duplicates", "near_duplicates", "contaminated",
+    "documents_out", "disabled", "vocab_size", "tokens", "sequences", "seq_len",
+)  # fmt: skip
 
 
 class LineageError(UserError):
@@ -113,9 +117,7 @@ class Stores:
 
     def client(self, uri: str):
         if uri not in self._clients:
-            from mlflow.tracking import MlflowClient
-
-            self._clients[uri] = MlflowClient(uri)
+            self._clients[uri] = open_store(uri)
         return self._clients[uri]
 
     def experiments(self, uri: str) -> list[str]:
@@ -149,12 +151,32 @@ class Stores:
         return None
 
 
+def open_store(uri: str):
+    """A client of an existing, readable tracking store. MLflow would create an empty sqlite
+    database at a mistyped path (and find nothing in it); a damaged one fails deep in
+    SQLAlchemy. Both become one LineageError naming the store."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        database = uri.removeprefix("sqlite:///")
+        if not os.path.isfile(database):
+            raise LineageError(f"no MLflow database at {database} ({uri}); check --tracking-uri or MLFLOW_TRACKING_URI")
+    try:
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001  (whatever the store's driver raises)
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LineageError(f"cannot read the MLflow store {uri}: {first_line}") from None
+    return client
+
+
 def datasets_of(run) -> list[dict]:
-    """A run's dataset inputs as plain dicts: name, digest (full where recorded), source, context."""
+    """A run's dataset inputs as plain dicts: name, digest (full where recorded), source (where
+    this run used it), context."""
     out = []
     for item in run.inputs.dataset_inputs if run.inputs else []:
         tags = {t.key: t.value for t in item.tags}
-        source = json.loads(item.dataset.source).get("uri", item.dataset.source)
+        source = tags.get(SOURCE) or json.loads(item.dataset.source).get("uri", item.dataset.source)
         out.append({"name": item.dataset.name, "digest": item.dataset.digest, "full_digest": tags.get(FULL_DIGEST, item.dataset.digest), "source": source, "context": tags.get("mlflow.data.context")})
     return out
 
@@ -173,6 +195,16 @@ def build(target: str, tracking_uri: str | None = None) -> Lineage:
     return builder.lineage
 
 
+def pruned(path: str) -> bool:
+    """Whether a checkpoint directory that is gone looks removed by keep_last: a newer
+    complete checkpoint is in the same folder (and training did not move it aside as
+    damaged: <step>.damaged)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if os.path.exists(path) or os.path.exists(f"{path}.damaged") or not STEP_DIR.match(name):
+        return False
+    return any(os.path.basename(newer) > name for newer in complete_checkpoints(folder))
+
+
 def read_checkpoint_info(path: str) -> dict | None:
     return checkpoint_info(path).to_dict() if is_complete_checkpoint(path) else None
 
@@ -185,7 +217,11 @@ def read_json_if_exists(url: str) -> dict | None:
 
 
 def summary(stats: dict) -> dict:
-    return {k: stats[k] for k in SUMMARY if k in stats}
+    out = {k: stats[k] for k in SUMMARY if k in stats}
+    if "benchmarks" in stats:  # decontaminate: what each evaluation set took out
+        verb = "flagged" if stats.get("action") == "flag" else "removed"
+        out[f"{verb} per benchmark"] = {name: f"{b['documents']} docs / {b['words']} words" for name, b in stats["benchmarks"].items()}
+    return out
 
 
 class Builder:
@@ -222,7 +258,9 @@ class Builder:
             node.recorded = "mlflow"
             node.facts |= {"model": model.model_id, "run": model.source_run_id}
             node.detail |= {"tracking_uri": uri, "experiment_id": model.experiment_id}
-        if not info:
+        if not info and not asked and pruned(path):
+            node.facts["pruned"] = "removed by keep_last after a newer checkpoint was saved" + ("" if record else "; MLflow has no record of it")
+        elif not info:
             node.problems.append("vanished: the checkpoint directory or its illada.json is gone" + ("" if record else ", and MLflow has no record of it"))
         elif record and params.get("digest") and params["digest"] != info.get("digest"):
             node.problems.append(f"changed: illada.json says digest {info.get('digest')}, MLflow recorded {params['digest']}")
@@ -271,9 +309,11 @@ class Builder:
         return node_id
 
     def shards(self, dataset: dict, files: list[dict] | None, data_root: str | None) -> str:
-        """A source's shard set as a training run read it (files: as its pack manifest lists them now)."""
+        """A source's shard set as a training run read it (files: as its pack manifest lists them now).
+        One node per place it was read from: a copy of a data root holds the same digest, and
+        verify must hash every copy a run actually read."""
         source = dataset["name"].removeprefix(SHARDS_PREFIX)
-        node_id = f"shards:{source}:{dataset['digest']}"
+        node_id = f"shards:{source}:{dataset['digest']}:{dataset['source']}"
         node = self.lineage.add(Node(node_id, "shards", f"shards {source}", recorded="mlflow"))
         node.facts = {"where": dataset["source"], "digest": dataset["full_digest"]}
         node.detail["data_root"] = data_root

@@ -2,7 +2,8 @@
 
 A checkpoint's own count runs from the start of its training (resumed runs continue it);
 tokens seen by a checkpoint it was initialised from are reported beside it as inherited,
-so "seen in all" is everything the weights have been trained on.
+so "seen in all" is everything the weights have been trained on. Below the mix: what the
+decontaminate stage of its data took out (or flagged), per benchmark.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class MixReport:
     step: int | None
     rows: list[MixRow] = field(default_factory=list)
     inherited_from: list[str] = field(default_factory=list)
+    decontamination: dict = field(default_factory=dict)  # {action, ngram, benchmarks: {name: {documents, words}}}
 
     @property
     def tokens(self) -> int:
@@ -40,7 +42,14 @@ class MixReport:
 
     def to_dict(self) -> dict:
         rows = [asdict(r) | {"seen": r.seen} for r in self.rows]
-        return {"checkpoint": self.checkpoint, "step": self.step, "tokens": self.tokens, "inherited_from": self.inherited_from, "rows": rows}
+        return {
+            "checkpoint": self.checkpoint,
+            "step": self.step,
+            "tokens": self.tokens,
+            "inherited_from": self.inherited_from,
+            "rows": rows,
+            "decontamination": self.decontamination,
+        }
 
 
 def mix_report(lineage: Lineage) -> MixReport:
@@ -53,7 +62,24 @@ def mix_report(lineage: Lineage) -> MixReport:
     total = sum(tokens.values()) or 1
     names = sorted(set(tokens) | set(target) | set(inherited))
     rows = [MixRow(n, target.get(n, 0.0), int(tokens.get(n, 0)), tokens.get(n, 0) / total, int(inherited.get(n, 0))) for n in names]
-    return MixReport(root.facts.get("path", root.label), root.facts.get("step"), rows, ancestors)
+    return MixReport(root.facts.get("path", root.label), root.facts.get("step"), rows, ancestors, _decontamination(lineage))
+
+
+def _decontamination(lineage: Lineage) -> dict:
+    """The decontaminate stage of the data this checkpoint trained on (not through other
+    checkpoints): its action and per-benchmark counts, as its manifest recorded them."""
+    seen, todo = {lineage.root}, [lineage.root]
+    while todo:
+        for edge in lineage.parents(todo.pop()):
+            node = lineage.nodes[edge.parent]
+            if edge.parent in seen or node.kind == "checkpoint":
+                continue
+            seen.add(edge.parent)
+            todo.append(edge.parent)
+            stats = node.detail.get("stats") or {}
+            if node.kind == "stage" and node.label == "decontaminate" and "benchmarks" in stats:
+                return {"action": stats.get("action"), "ngram": stats.get("ngram"), "benchmarks": stats["benchmarks"]}
+    return {}
 
 
 def _target_mix(lineage: Lineage, checkpoint_id: str) -> dict[str, float]:
@@ -94,6 +120,13 @@ def table(report: MixReport) -> str:
     lines.append(f"{'total':<20}{'':>8}{report.tokens:>14,}{'':>8}{'':>11}{inherited:>12,}{report.tokens + inherited:>13,}")
     if report.inherited_from:
         lines += ["", "inherited through initialisation from: " + " <- ".join(report.inherited_from)]
+    if report.decontamination:
+        d = report.decontamination
+        verb = "flagged" if d["action"] == "flag" else "removed"
+        lines += ["", f"{verb} by decontamination ({d['ngram']}-word n-grams shared with evaluation sets), before tokenization:"]
+        lines.append(f"{'benchmark':<20}{'documents':>12}{'words':>14}")
+        for name, b in d["benchmarks"].items():
+            lines.append(f"{name:<20}{b['documents']:>12,}{b['words']:>14,}")
     return "\n".join(lines) + "\n"
 
 

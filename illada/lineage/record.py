@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from illada.config import Config
+from illada.redaction import MIN_SECRET_CHARS, SECRET_ENV
 
 # Tags and dataset contexts: the vocabulary the graph builder reads back.
 KIND = "illada.kind"  # pipeline | stage | train | checkpoint
 STAGE = "illada.stage"
 FULL_DIGEST = "illada.digest"
+SOURCE = "illada.source"  # where this run read or wrote the dataset (MLflow keeps one source per name and digest)
 CHECKPOINT_URI = "illada.checkpoint.uri"
 CHECKPOINT_DIGEST = "illada.checkpoint.digest"
 PARENT = "illada.parent"
@@ -37,8 +39,6 @@ SHARDS_PREFIX = "shards/"
 MODEL_TYPE = "illada-checkpoint"
 
 DIGEST_CHARS = 32  # MLflow keeps at most 36 characters of a dataset digest
-SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
-MIN_SECRET_CHARS = 8  # shorter values are masked nowhere: they would mangle ordinary text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -150,12 +150,22 @@ def dataset(name: str, source_uri: str, digest: str):
 
 
 def dataset_input(name: str, source_uri: str, digest: str, context: str, redact: Redactor):
-    """The dataset as a run input, tagged with its context and full digest."""
+    """The dataset as a run input, tagged with its context, full digest and location.
+
+    MLflow stores a dataset once per experiment, name and digest, with the source of the
+    first run that logged it: a copy of the data (same digest, another place) read by a
+    later run would show the original's location. The `illada.source` tag keeps the place
+    this run used."""
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+    from mlflow.utils.validation import MAX_INPUT_TAG_VALUE_SIZE
 
-    entity = dataset(redact(name), redact(source_uri), digest)._to_mlflow_entity()
-    return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag(FULL_DIGEST, digest)])
+    source_uri = redact(source_uri)
+    entity = dataset(redact(name), source_uri, digest)._to_mlflow_entity()
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag(FULL_DIGEST, digest)]
+    if len(source_uri) <= MAX_INPUT_TAG_VALUE_SIZE:
+        tags.append(InputTag(SOURCE, source_uri))
+    return DatasetInput(entity, tags=tags)
 
 
 def shard_set_digest(shards: list[dict]) -> str:

@@ -4,6 +4,10 @@ The reference is what was recorded when they were used: a checkpoint's checksum 
 LoggedModel (its illada.json where MLflow has no record) and a shard set's digest on the
 training run that read it (the pack manifest's where MLflow has none). Each file is also
 compared with the sha256 its illada.json or manifest lists, to name the file that differs.
+
+An ancestor checkpoint that `train.checkpoint.keep_last` removed once a newer one was saved
+beside it is reported as pruned, not as a problem: its record stays in MLflow and in its
+children's illada.json.
 """
 
 from __future__ import annotations
@@ -15,17 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from illada import storage
-from illada.lineage.graph import CHECKPOINT_MARKER, Lineage, read_checkpoint_info
+from illada.lineage.graph import CHECKPOINT_MARKER, Lineage, pruned, read_checkpoint_info
 from illada.lineage.record import shard_set_digest, shard_sets
 
-OK, CHANGED, VANISHED = "ok", "changed", "vanished"
+OK, CHANGED, VANISHED, PRUNED = "ok", "changed", "vanished", "pruned"
+FINE = (OK, PRUNED)  # states that are not problems
 
 
 @dataclass
 class Finding:
     kind: str  # checkpoint | checkpoint file | shard set | shard
     path: str
-    state: str  # ok | changed | vanished
+    state: str  # ok | pruned | changed | vanished
     detail: str = ""
 
 
@@ -36,7 +41,7 @@ class VerifyReport:
 
     @property
     def problems(self) -> list[Finding]:
-        return [f for f in self.findings if f.state != OK]
+        return [f for f in self.findings if f.state not in FINE]
 
     def count(self, kind: str) -> int:
         return sum(1 for f in self.findings if f.kind == kind)
@@ -75,7 +80,7 @@ def _hashes(urls: list[str], workers: int = 8) -> dict[str, str | None]:
 def verify(lineage: Lineage) -> VerifyReport:
     report = VerifyReport(lineage.nodes[lineage.root].label)
     for node in lineage.of_kind("checkpoint"):
-        report.findings += verify_checkpoint(node.facts["path"], node.facts.get("digest"))
+        report.findings += verify_checkpoint(node.facts["path"], node.facts.get("digest"), ancestor=node.id != lineage.root)
     shard_nodes = lineage.of_kind("shards")
     for node in shard_nodes:
         report.findings += verify_shard_set(node.facts["where"], node.facts["digest"], node.detail.get("files"), node.detail.get("data_root"))
@@ -88,8 +93,10 @@ def verify(lineage: Lineage) -> VerifyReport:
     return report
 
 
-def verify_checkpoint(path: str, recorded_digest: str | None) -> list[Finding]:
+def verify_checkpoint(path: str, recorded_digest: str | None, ancestor: bool = False) -> list[Finding]:
     info = read_checkpoint_info(path)
+    if info is None and ancestor and pruned(path):
+        return [Finding("checkpoint", path, PRUNED, "removed by train.checkpoint.keep_last after a newer checkpoint was saved beside it")]
     if info is None:
         return [Finding("checkpoint", path, VANISHED, f"no {CHECKPOINT_MARKER} at {path}")]
     names = sorted(info["files"])
@@ -139,7 +146,7 @@ def text(report: VerifyReport) -> str:
     checked = f"{report.count('checkpoint')} checkpoint(s) and {report.count('shard set')} shard set(s)"
     lines = [f"verified {checked} that {report.target} depends on"]
     for f in report.findings:
-        if f.state != OK or f.kind in ("checkpoint", "shard set"):
+        if f.state not in FINE or f.kind in ("checkpoint", "shard set"):
             lines.append(f"  {f.state.upper():<9}{f.kind:<16}{f.path}  {f.detail}")
     lines.append(f"{len(report.problems)} problem(s)" if report.problems else "everything matches what was recorded")
     return "\n".join(lines) + "\n"

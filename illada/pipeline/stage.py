@@ -28,9 +28,12 @@ from tqdm import tqdm
 
 from illada import storage
 from illada.config import Config, StorageConfig, dump_config
+from illada.layout import MANIFEST
 
-MANIFEST = "manifest.json"
-FINGERPRINT = "_fingerprint.json"
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run or failed; the message says which and what to do."""
 
 
 def digest_json(obj: Any) -> str:
@@ -111,9 +114,10 @@ class StageContext:
         if not pending:
             return results
         remote = ray.remote(_run_with_storage).options(
-            num_cpus=num_cpus, memory=memory, name=f"{self.stage}.{phase}", max_retries=2
+            num_cpus=num_cpus, memory=memory, name=f"{self.stage}.{phase}", max_retries=2, **storage.worker_env(self.config.storage)
         )
-        futures = {remote.remote(self.config.storage, fn, spec): tid for tid, spec in pending.items()}
+        task_storage = storage.without_credentials(self.config.storage)  # the credentials: in the worker's environment
+        futures = {remote.remote(task_storage, fn, spec): tid for tid, spec in pending.items()}
         desc = f"{self.stage}/{phase}"
         failures: list[tuple[str, Exception]] = []
         with tqdm(total=len(specs), initial=len(results), desc=desc, unit="task", dynamic_ncols=True) as bar:

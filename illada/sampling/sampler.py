@@ -59,7 +59,7 @@ class Decoding:
         if self.temperature < 0 or self.cfg_scale < 0:
             raise ValueError("temperature and cfg_scale must be >= 0")
         if self.threshold is not None:
-            if self.threshold <= 0:
+            if not 0 < self.threshold <= 1:
                 raise ValueError(f"threshold must be in (0, 1] (got {self.threshold}); leave it unset for the step schedule")
             if self.remasking != "low_confidence":
                 raise ValueError("threshold decoding compares model confidences: use remasking='low_confidence'")

@@ -17,6 +17,11 @@ A crash mid-save leaves a step directory without `illada.json`; it is never load
 removed by the next save. `illada.json` also records what the lineage needs: the step,
 tokens per source, the parent checkpoint, the data it read and a checksum of every file.
 
+Nothing of a checkpoint is read before its files are checked against `illada.json`
+(illada.checkpoint_files: size always, sha256 unless train.checkpoint.verify is off). On
+resume a damaged newest checkpoint is moved aside (`step_N.damaged`) with a warning naming
+the bad file, and the previous complete one is loaded instead.
+
 RNG state: every random draw of training (masks, noise levels, random lengths) comes from a
 generator seeded by (seed, step, micro-batch, DP rank), and the model has no dropout, so
 the step is the whole RNG state; nothing else needs saving for an exact resume.
@@ -42,7 +47,8 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
 from illada import layout, storage
-from illada.config import Config
+from illada.checkpoint_files import DamagedCheckpoint, check_files
+from illada.config import Config, ConfigError
 from illada.layout import CHECKPOINT_MARKER, STEP_DIR, complete_checkpoints, resolve_checkpoint
 from illada.progress import hashing
 
@@ -61,10 +67,13 @@ def model_state(model) -> dict:
     return unwrap(model).sharded_state_dict()
 
 
-def load_model_weights(model, path: str) -> None:
+def load_model_weights(model, path: str, *, verify: bool = True) -> None:
     """Load only the weights of a checkpoint (saved at any TP/PP layout) into this rank's
-    model, built for the current layout (a GPTModel, or megatron's DDP around one)."""
-    state = dist_checkpointing.load({"model": model_state(model)}, resolve_checkpoint(path))
+    model, built for the current layout (a GPTModel, or megatron's DDP around one). Its
+    files are checked against its illada.json first (sha256 too unless verify=False)."""
+    path = resolve_checkpoint(path)
+    check_files(path, sha256=verify)
+    state = dist_checkpointing.load({"model": model_state(model)}, path)
     unwrap(model).load_state_dict(state["model"])
 
 
@@ -73,24 +82,60 @@ class Checkpointer:
         self.config = config
         self.root = checkpoint_root(config)
         self.keep_last = config.train.checkpoint.keep_last
+        self.verify = config.train.checkpoint.verify
         self.parent: str | None = None  # the checkpoint this run continued or started from
         self.rank0 = dist.get_rank() == 0
 
     def restore(self, model, optimizer, scheduler, data, state) -> str | None:
         """Resume from the latest complete checkpoint here; otherwise start from
         train.init_from's weights if set. Returns what was loaded, or None."""
-        found = complete_checkpoints(self.root)
-        if found:
+        latest = self._latest_intact()
+        if latest:
             if self.rank0:
-                log.info("loading checkpoint %s", found[-1])
-            self._load_full(found[-1], model, optimizer, scheduler, data, state)
-            self.parent = found[-1]
-            log.info("resumed from %s at step %d", found[-1], state.step)
+                log.info("loading checkpoint %s", latest)
+            self._load_full(latest, model, optimizer, scheduler, data, state)
+            self.parent = latest
+            log.info("resumed from %s at step %d", latest, state.step)
         elif self.config.train.init_from:
             self.parent = resolve_checkpoint(self.config.train.init_from)
-            load_model_weights(model, self.parent)
+            self._on_rank0(lambda: check_files(self.parent, sha256=self.verify))
+            load_model_weights(model, self.parent, verify=False)  # every rank: sizes and pickles again, cheap
             log.info("initialised weights from %s", self.parent)
         return self.parent
+
+    def _on_rank0(self, fn):
+        """fn() on rank 0 only (the files are on a filesystem every rank reads: one hash is
+        enough); every rank returns its result, or raises the ConfigError it raised."""
+        answer: list = [None]
+        if self.rank0:
+            try:
+                answer[0] = fn()
+            except ConfigError as e:
+                answer[0] = e
+        dist.broadcast_object_list(answer, src=0)
+        if isinstance(answer[0], ConfigError):
+            raise answer[0]
+        return answer[0]
+
+    def _latest_intact(self) -> str | None:
+        """The newest complete checkpoint whose files match its illada.json. Damaged ones
+        are moved aside, so that keep_last never prunes a good checkpoint in favour of one."""
+        return self._on_rank0(self._check_newest_first)
+
+    def _check_newest_first(self) -> str | None:
+        found = complete_checkpoints(self.root)
+        for path in reversed(found):
+            try:
+                check_files(path, sha256=self.verify)
+                return path
+            except DamagedCheckpoint as e:
+                aside = f"{path}.damaged"
+                shutil.rmtree(aside, ignore_errors=True)
+                os.rename(path, aside)
+                log.warning("%s; moved it aside to %s and resuming from the previous complete checkpoint", e, aside)
+        if found:
+            raise ConfigError(f"no intact checkpoint under {self.root}: every one was damaged and moved aside (*.damaged); fix or remove them to start over")
+        return None
 
     def _load_full(self, path: str, model, optimizer, scheduler, data, state) -> None:
         model_sd = model_state(model)
@@ -109,7 +154,6 @@ class Checkpointer:
         path = layout.step_dir(self.root, state.step)
         if self.rank0:
             log.info("saving checkpoint %s", path)
-        if self.rank0:
             shutil.rmtree(path, ignore_errors=True)  # a crashed save of this same step
             os.makedirs(path)
         dist.barrier()

@@ -71,6 +71,26 @@ class Permutation:
 
 
 @dataclass
+class Sequences:
+    """Rows of packed sequences with, for each row, its source and its trailing padding."""
+
+    tokens: np.ndarray  # [n, seq_len] int64
+    pad: np.ndarray  # [n] padding tokens at the end of each row
+    sources: list[str]
+
+    def valid(self) -> np.ndarray:
+        """[n, seq_len] bool: True on real tokens, False on padding."""
+        return np.arange(self.tokens.shape[1])[None, :] < (self.tokens.shape[1] - self.pad)[:, None]
+
+    def real_tokens(self, rows: slice, length: int) -> dict[str, int]:
+        """Real tokens per source of `rows` cut to their first `length` positions."""
+        counts: dict[str, int] = {}
+        for source, pad in zip(self.sources[rows], self.pad[rows]):
+            counts[source] = counts.get(source, 0) + min(length, self.tokens.shape[1] - int(pad))
+        return counts
+
+
+@dataclass
 class SourceShards:
     name: str
     urls: list[str]
@@ -181,7 +201,7 @@ class PackedData:
         self.seed = seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.reader = ShardReader()
-        self.tokens_seen = dict.fromkeys(self.schedule.names, 0)  # this rank's non-pad tokens
+        self.tokens_seen = dict.fromkeys(self.schedule.names, 0)  # this rank's non-pad tokens read (before any cut)
         self._permutations: dict[str, tuple[int, Permutation]] = {}
 
     def _row(self, source: str, nth: int) -> int:
@@ -194,12 +214,18 @@ class PackedData:
 
     def next_batch(self, global_batch: int) -> np.ndarray:
         """This rank's slice [global_batch // dp_size, seq_len] of the next global batch."""
-        rows = []
+        return self.next_sequences(global_batch).tokens
+
+    def next_sequences(self, global_batch: int) -> Sequences:
+        """`next_batch` with each row's source and padding."""
+        rows, pads, sources = [], [], []
         for source, url, row in self._draw(global_batch):
             tokens, pad = self.reader.read(url, row)
             self.tokens_seen[source] += len(tokens) - pad
             rows.append(tokens)
-        return np.stack(rows).astype(np.int64)
+            pads.append(pad)
+            sources.append(source)
+        return Sequences(np.stack(rows).astype(np.int64), np.array(pads, dtype=np.int64), sources)
 
     def _draw(self, global_batch: int) -> list[tuple[str, str, int]]:
         """(source, shard url, row) of each of this rank's samples of the next global batch."""

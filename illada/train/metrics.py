@@ -101,10 +101,12 @@ class MetricsLogger:
             if self.lineage is not None:
                 self.lineage.log_checkpoint(path)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """End the MLflow run as FINISHED, FAILED or KILLED."""
         if self.lineage is not None:
             self.lineage.close()  # the checkpoint records still being written
         if self.mlflow_run is not None:
             import mlflow
 
-            mlflow.end_run()
+            mlflow.end_run(status)
+            self.mlflow_run = None

@@ -22,7 +22,7 @@ from illada.errors import UserError
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT_S = 120  # a node sets up the job's runtime env (the working dir) on its first task
+PROBE_TIMEOUT_S = 300  # a node sets up the job's runtime env (the working dir) on its first task; slow when loaded
 
 
 class LaunchError(UserError, ValueError):
@@ -181,8 +181,8 @@ def _probe_nodes(nodes: list[dict], probe: str, config: Config) -> list[str]:
     manifest_url = storage.join(config.train.data_root, "pack", "manifest.json")
     refs = {
         n["NodeManagerAddress"] + " (" + n["NodeID"][:8] + ")": _probe.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ).remote(probe, manifest_url, config.storage)
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False), **storage.worker_env(config.storage)
+        ).remote(probe, manifest_url, storage.without_credentials(config.storage))
         for n in nodes
     }
     ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)

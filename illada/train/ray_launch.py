@@ -52,6 +52,7 @@ import ray
 # A developer API of Ray 2.60 (pinned): the hook that sees the controller restart the group.
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
+from illada import redaction
 from illada.config import Config
 from illada.train.preflight import LaunchError, Plan, checkpoint_dir, validate
 
@@ -90,6 +91,7 @@ def _log_to_stderr(rank: int) -> None:
     (Ray has set up the worker's root logger already; ours gets a handler of its own.)"""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(redaction.RedactingFilter())
     illada = logging.getLogger("illada")
     illada.addHandler(handler)
     illada.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -237,10 +239,10 @@ def launch(config: Config) -> Outcome:
     )
     try:
         result = trainer.fit()
-    except Exception:
+    except BaseException as e:  # Ctrl-C too: the run is closed as KILLED, never left RUNNING
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(uri).set_terminated(run_id, "FAILED")
+        MlflowClient(uri).set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     done = result.return_value
     return Outcome(done["step"], done["tokens_per_source"], run_id)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -34,7 +35,7 @@ from illada.objective import Noised, add_noise, answer_length_loss, diffusion_lo
 from illada.parallel import init_parallel
 from illada.progress import progress
 from illada.train import sft
-from illada.train.data import PackedData, stable_seed
+from illada.train.data import PackedData, Sequences, stable_seed
 from illada.train.metrics import MetricsLogger, flops_per_token, peak_flops
 
 log = logging.getLogger(__name__)
@@ -172,18 +173,23 @@ def use_torch_adamw(optimizer, impl: str) -> None:
                 inner.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
-def micro_batches(tokens: np.ndarray, train: TrainConfig, step: int, mask_id: int, device) -> list[Batch]:
-    """Noise this rank's rows in micro-batches. Each micro-batch's generator is seeded by its
-    index in the global batch, so the masks do not depend on the parallel layout: DP=2 sees
-    what DP=1 sees, and a resumed run what an uninterrupted one saw."""
-    first = parallel_state.get_data_parallel_rank() * len(tokens)
-    out = []
-    for m in range(0, len(tokens), train.micro_batch_size):
+def micro_batches(rows: Sequences, train: TrainConfig, step: int, mask_id: int, device) -> tuple[list[Batch], dict[str, int]]:
+    """Noise this rank's rows in micro-batches (padding is never masked nor scored), and
+    count the real tokens trained on per source, after any random-length cut. Each
+    micro-batch's generator is seeded by its index in the global batch, so the masks do not
+    depend on the parallel layout: DP=2 sees what DP=1 sees, and a resumed run what an
+    uninterrupted one saw."""
+    first = parallel_state.get_data_parallel_rank() * len(rows.tokens)
+    valid = torch.from_numpy(rows.valid())
+    out, tokens = [], {}
+    for m in range(0, len(rows.tokens), train.micro_batch_size):
         g = torch.Generator().manual_seed(stable_seed(train.seed, step, first + m))
-        clean = random_length(torch.from_numpy(tokens[m : m + train.micro_batch_size]), train.random_length_fraction, g)
-        noised = add_noise(clean, mask_id, g)
-        out.append(Batch(clean.to(device), Noised(noised.tokens.to(device), noised.masked.to(device), noised.p.to(device))))
-    return out
+        clean = random_length(torch.from_numpy(rows.tokens[m : m + train.micro_batch_size]), train.random_length_fraction, g)
+        noised = add_noise(clean, mask_id, g, valid=valid[m : m + train.micro_batch_size, : clean.shape[1]])
+        out.append(Batch(clean.to(device), noised.to(device)))
+        for source, n in rows.real_tokens(slice(m, m + train.micro_batch_size), clean.shape[1]).items():
+            tokens[source] = tokens.get(source, 0) + n
+    return out, tokens
 
 
 def sft_micro_batches(samples: list[sft.Sample], train: TrainConfig, step: int, special_ids: dict[str, int], device) -> list[Batch]:
@@ -194,8 +200,7 @@ def sft_micro_batches(samples: list[sft.Sample], train: TrainConfig, step: int, 
     for m in range(0, len(samples), train.micro_batch_size):
         g = torch.Generator().manual_seed(stable_seed(train.seed, step, first + m))
         clean, noised, answer_len = sft.micro_batch(samples[m : m + train.micro_batch_size], train.sft.mode, special_ids, g)
-        noised = Noised(noised.tokens.to(device), noised.masked.to(device), noised.p.to(device))
-        out.append(Batch(clean.to(device), noised, None if answer_len is None else answer_len.to(device)))
+        out.append(Batch(clean.to(device), noised.to(device), None if answer_len is None else answer_len.to(device)))
     return out
 
 
@@ -270,46 +275,45 @@ def train_loop(config: Config, on_step=None) -> TrainState:
     forward_backward = get_forward_backward_func()
     last_step = min(train.steps, state.step + (train.exit_after_steps or train.steps))
     bar = progress(last_step, f"train {config.name}", unit="step", initial=state.step, disable=dist.get_rank() != 0)
-    while state.step < last_step:
-        start = time.perf_counter()
-        before = dict(data.tokens_seen)
-        rows = data.next_batch(train.global_batch_size)
-        if train.objective == "sft":
-            batches = sft_micro_batches(rows, train, state.step, manifest["stats"]["special_ids"], _device())
-        else:
-            batches = micro_batches(rows, train, state.step, mask_id, _device())
-        optimizer.zero_grad()
-        model.zero_grad_buffer()
-        losses = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=iter(batches),
-            model=[model],
-            num_microbatches=len(batches),
-            seq_length=max(b.clean.shape[1] for b in batches),
-            micro_batch_size=train.micro_batch_size,
-            forward_only=False,
-        )
-        _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
-        state.step += 1
-        step_tokens = sum_over_data_parallel({n: data.tokens_seen[n] - before[n] for n in before})
-        for n, v in step_tokens.items():
-            state.tokens_per_source[n] += v
-        loss = global_mean_loss(losses)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
-        seconds = time.perf_counter() - start
-        metrics.log_step(state.step, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, train.global_batch_size * seq_len, seconds, state.tokens_per_source)
-        bar.set_postfix_str(f"loss {loss:.4f}, {train.global_batch_size * seq_len / seconds:,.0f} tokens/s", refresh=False)
-        bar.update(1)
-        if on_step:
-            on_step(state.step, loss)
-        if state.step % train.checkpoint.interval == 0 or state.step == last_step:
-            with weights_gathered(model):
-                path = checkpointer.save(model, optimizer, scheduler, data, state)
-            metrics.log_checkpoint(path)
-    bar.close()
-    metrics.close()
+    with recorded(metrics), bar:  # the MLflow run ends FINISHED, FAILED or KILLED, never left RUNNING
+        while state.step < last_step:
+            start = time.perf_counter()
+            if train.objective == "sft":
+                before = dict(data.tokens_seen)
+                batches = sft_micro_batches(data.next_batch(train.global_batch_size), train, state.step, manifest["stats"]["special_ids"], _device())
+                local_tokens = {n: data.tokens_seen[n] - before[n] for n in before}
+            else:
+                batches, local_tokens = micro_batches(data.next_sequences(train.global_batch_size), train, state.step, mask_id, _device())
+            optimizer.zero_grad()
+            model.zero_grad_buffer()
+            losses = forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=iter(batches),
+                model=[model],
+                num_microbatches=len(batches),
+                seq_length=max(b.clean.shape[1] for b in batches),
+                micro_batch_size=train.micro_batch_size,
+                forward_only=False,
+            )
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            state.step += 1
+            step_tokens = sum_over_data_parallel({n: local_tokens.get(n, 0) for n in data.schedule.names})
+            for n, v in step_tokens.items():
+                state.tokens_per_source[n] += v
+            loss = global_mean_loss(losses)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
+            seconds = time.perf_counter() - start
+            metrics.log_step(state.step, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, train.global_batch_size * seq_len, seconds, state.tokens_per_source)
+            bar.set_postfix_str(f"loss {loss:.4f}, {train.global_batch_size * seq_len / seconds:,.0f} tokens/s", refresh=False)
+            bar.update(1)
+            if on_step:
+                on_step(state.step, loss)
+            if state.step % train.checkpoint.interval == 0 or state.step == last_step:
+                with weights_gathered(model):
+                    path = checkpointer.save(model, optimizer, scheduler, data, state)
+                metrics.log_checkpoint(path)
     return state
 
 
@@ -337,6 +341,47 @@ def weights_gathered(model):
     finally:
         if lazy:
             model.enable_forward_pre_hook()
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (torchrun stopping its workers, a scheduler's time limit)."""
+
+
+@contextmanager
+def sigterm_as_exception():
+    """Turn SIGTERM into an exception while training, so the run is closed as KILLED
+    instead of the process vanishing with its MLflow run still RUNNING. (Only the main
+    thread can take signals; elsewhere this does nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def recorded(metrics: MetricsLogger):
+    """Training under an MLflow run that ends with the training's outcome: FINISHED, FAILED
+    (an error, a NaN loss) or KILLED (SIGTERM, Ctrl-C)."""
+    try:
+        with sigterm_as_exception():
+            yield
+    except BaseException as e:
+        metrics.close(status=run_status(e))
+        raise
+    metrics.close()
+
+
+def run_status(error: BaseException) -> str:
+    """The MLflow status of a run that ended with `error`: stopped from outside, or failed."""
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, Terminated)) else "FAILED"
 
 
 def check_data_fits_model(manifest: dict, model: ModelConfig) -> None:

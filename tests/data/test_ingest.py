@@ -1,15 +1,17 @@
 import base64
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from illada.config import IngestConfig, SourceConfig
+from illada.config import ConfigError, IngestConfig, SourceConfig
 from illada.data.documents import read_table
 from illada.data.ingest import QuarantineError, ingest_task, plan_tasks, expand_paths
 from illada.pipeline.runner import run_pipeline
 from illada.data.stages import PRETRAIN as STAGES
+from tests.conftest import WORDS
 from tests.helpers import make_config, write_jsonl
 
 
@@ -78,10 +80,115 @@ def test_compressed_jsonl_parquet_and_text_files_are_read(tmp_path):
     assert [q["reason"] for q in quarantine] == ["invalid_utf8"]
 
 
-def test_parquet_without_the_text_column_is_quarantined(tmp_path):
-    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "b.parquet")
+def test_parquet_without_the_text_column_is_quarantined_whole_with_its_rows(tmp_path):
+    pq.write_table(pa.table({"body": [f"row {i}" for i in range(10_000)]}), tmp_path / "b.parquet")
     result, docs, quarantine = run_ingest_task(tmp_path, {"name": "p", "paths": [str(tmp_path / "b.parquet")], "weight": 1})
-    assert docs == [] and quarantine[0]["reason"] == "missing_text"
+    assert docs == []
+    [unit] = quarantine
+    assert (unit["reason"], unit["unit"], unit["rows"], unit["location"]) == ("missing_text", "file", 10_000, "b.parquet")
+    assert unit["bytes"] == (tmp_path / "b.parquet").stat().st_size
+    assert result["records"] == 10_000 and result["quarantined"] == {"missing_text": 10_000}
+
+
+def test_an_unreadable_parquet_file_is_quarantined_whole_with_its_bytes(tmp_path):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    result, docs, quarantine = run_ingest_task(tmp_path, {"name": "x", "paths": [str(tmp_path / "x.parquet")], "weight": 1})
+    [unit] = quarantine
+    assert docs == [] and (unit["reason"], unit["rows"], unit["bytes"]) == ("unreadable_parquet", 0, 31)
+    assert result["damaged"] == [{"file": "x.parquet", "reason": "unreadable_parquet", "detail": unit["detail"], "rows": 0, "bytes": 31}]
+
+
+def test_the_bound_also_weighs_damaged_files_by_bytes_when_their_rows_are_unknown(tmp_path):
+    from illada.data.ingest import _check_quarantine_rate
+    from illada.pipeline.stage import StageContext
+
+    ctx = StageContext(config=make_config(tmp_path / "run", [{"name": "s", "paths": ["unused"], "weight": 1}]), stage="ingest")
+    unit = {"file": "big.parquet", "reason": "unreadable_parquet", "detail": "not parquet", "rows": 0, "bytes": 9_000}
+    stats = {"s": {"records": 100, "documents": 100, "bytes": 10_000, "quarantined": {}, "damaged_files": [unit], "empty_files": []}}
+    with pytest.raises(QuarantineError, match=r"9000 of 10000 bytes \(90.0%\) are in damaged files.*File big.parquet is quarantined whole"):
+        _check_quarantine_rate(ctx, stats, [])
+    stats["s"]["bytes"] = 1_000_000  # a small damaged file among much good data passes (with its quarantine line)
+    _check_quarantine_rate(ctx, stats, [])
+
+
+def test_a_cut_zstd_file_is_quarantined_whole_none_of_its_documents_kept(tmp_path):
+    rng = random.Random(0)
+    # ~4 KB each, so the ~320 KB stream spans several zstd blocks and its first half decodes
+    docs_in = [{"text": " ".join(rng.choice(WORDS) for _ in range(700))} for i in range(79)]
+    path = write_jsonl(tmp_path / "in" / "cut.jsonl.zst", docs_in, compress=True)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+
+    result, docs, quarantine = run_ingest_task(tmp_path, {"name": "z", "paths": [str(path)], "weight": 1})
+
+    assert docs == []
+    [unit] = quarantine
+    assert unit["reason"] == "truncated" and unit["location"] == "cut.jsonl.zst" and unit["bytes"] == len(whole) // 2
+    assert 0 < unit["rows"] < 79 and result["records"] == unit["rows"] == result["quarantined"]["truncated"]
+
+
+def test_a_cut_gzip_file_is_quarantined_whole(tmp_path):
+    import gzip
+
+    path = tmp_path / "in" / "cut.jsonl.gz"
+    path.parent.mkdir()
+    whole = gzip.compress(b"".join(json.dumps({"text": f"doc {i} " * 20}).encode() + b"\n" for i in range(200)))
+    path.write_bytes(whole[: len(whole) // 2])
+    result, docs, quarantine = run_ingest_task(tmp_path, {"name": "g", "paths": [str(path)], "weight": 1})
+    assert docs == [] and [q["reason"] for q in quarantine] == ["truncated"]
+
+
+def test_a_whole_zstd_file_of_several_frames_is_read(tmp_path):
+    import zstandard
+
+    frames = [zstandard.ZstdCompressor().compress(json.dumps({"text": f"frame {i}"}).encode() + b"\n") for i in range(3)]
+    (tmp_path / "f.jsonl.zst").write_bytes(b"".join(frames))
+    _, docs, quarantine = run_ingest_task(tmp_path, {"name": "f", "paths": [str(tmp_path / "f.jsonl.zst")], "weight": 1})
+    assert [d["text"] for d in docs] == ["frame 0", "frame 1", "frame 2"] and quarantine == []
+
+
+def test_a_damaged_file_beside_a_good_one_fails_the_source_in_rows(tmp_path, ray_local):
+    good = write_jsonl(tmp_path / "raw" / "good.jsonl", [{"text": f"good document {i}"} for i in range(100)])
+    pq.write_table(pa.table({"body": [f"row {i}" for i in range(10_000)]}), tmp_path / "raw" / "wrong.parquet")
+    source = {"name": "mixed", "paths": [str(good), str(tmp_path / "raw" / "wrong.parquet")], "weight": 1}
+    with pytest.raises(QuarantineError) as err:
+        run_pipeline(make_config(tmp_path / "run", [source]), STAGES)
+    message = str(err.value)
+    assert "source 'mixed': 10000 of 10100 rows (99.0%)" in message
+    assert "File wrong.parquet is quarantined whole (missing_text" in message
+
+
+def test_an_empty_file_and_an_emptied_source_are_errors_naming_them(tmp_path, ray_local):
+    good = write_jsonl(tmp_path / "raw" / "good.jsonl", [{"text": f"good document {i}"} for i in range(20)])
+    (tmp_path / "raw" / "empty.jsonl").write_bytes(b"")
+    config = make_config(tmp_path / "run", [{"name": "e", "paths": [str(good), str(tmp_path / "raw" / "empty.jsonl")], "weight": 1}])
+    with pytest.raises(ConfigError, match="source 'e': 1 input file.s. hold no record: empty.jsonl"):
+        run_pipeline(config, STAGES)
+
+    blank = write_jsonl(tmp_path / "raw" / "blank.jsonl", [{"text": " "}, {"text": ""}])
+    sources = [{"name": "ok", "paths": [str(good)], "weight": 1}, {"name": "blank", "paths": [str(blank)], "weight": 1}]
+    config = make_config(tmp_path / "run2", sources, ["data.ingest.max_quarantine_fraction=1"])
+    with pytest.raises(ConfigError, match="source 'blank' has no valid document"):
+        run_pipeline(config, STAGES)
+
+
+def test_a_cut_gzip_source_is_one_line_naming_the_file(tmp_path, ray_local, capsys):
+    import gzip
+
+    from illada.cli import main
+    from tests.conftest import TinyConfigFactory
+
+    raw = TinyConfigFactory().raw(str(tmp_path / "run"), str(tmp_path / "raw"))
+    whole = gzip.compress(b"".join(json.dumps({"text": f"doc {i} " * 20}).encode() + b"\n" for i in range(200)))
+    (tmp_path / "raw" / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    raw["data"]["sources"][1]["paths"] = [str(tmp_path / "raw" / "cut.jsonl.gz")]
+    config = TinyConfigFactory.write_yaml(raw, tmp_path / "c.yaml")
+
+    assert main(["pipeline", "run", config]) == 2
+    stderr = capsys.readouterr().err
+    [line] = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert line.startswith("illada: error: source 'beta'") and "cut.jsonl.gz" in line
+    assert "Traceback" not in stderr and "beta-00000" not in line
 
 
 def test_stage_fails_with_a_clear_message_past_the_quarantine_bound(tmp_path, ray_local):
@@ -90,7 +197,7 @@ def test_stage_fails_with_a_clear_message_past_the_quarantine_bound(tmp_path, ra
     with pytest.raises(QuarantineError) as err:
         run_pipeline(config, STAGES)
     message = str(err.value)
-    assert "source 'bad': 2 of 3 records (66.7%)" in message
+    assert "source 'bad': 2 of 3 rows (66.7%)" in message
     assert "bad_json: 2" in message and "quarantine/bad/00000.jsonl" in message
     assert not (tmp_path / "run" / "ingest" / "manifest.json").exists()
 

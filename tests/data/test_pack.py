@@ -96,3 +96,15 @@ def test_manifest_lists_checksummed_zstd_shards(packed):
         assert reader.get_batch(0).num_rows > 0
         with open(url, "rb") as raw:
             assert b"\x28\xb5\x2f\xfd" in raw.read()  # zstd frame magic: buffers are zstd-compressed
+
+
+def test_a_source_emptied_by_dedup_is_an_error_not_a_weight_without_data(tmp_path, ray_local):
+    from illada.config import ConfigError
+
+    texts = [{"text": f"a document about {w} number {i}"} for i, w in enumerate(["cats", "dogs", "owls"] * 4)]
+    write_jsonl(tmp_path / "raw" / "a.jsonl", texts)
+    write_jsonl(tmp_path / "raw" / "copy.jsonl", texts[:5])  # every one an exact duplicate of an earlier source's
+    sources = [{"name": "a", "paths": [str(tmp_path / "raw" / "a.jsonl")], "weight": 1}, {"name": "copy", "paths": [str(tmp_path / "raw" / "copy.jsonl")], "weight": 1}]
+    with pytest.raises(ConfigError, match="source.s. 'copy' have no sequences left"):
+        run_pipeline(make_config(tmp_path / "run", sources), STAGES)
+    assert not (tmp_path / "run" / "pack" / "manifest.json").exists()

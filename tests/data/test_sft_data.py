@@ -186,7 +186,7 @@ def test_the_sft_pipeline_end_to_end(tmp_path, tokenizer_path, ray_local):
     assert json.loads((root / "pack" / "manifest.json").read_text())["created_unix"] == manifest["created_unix"]
     code, out = cli("pipeline", "status", str(config_path))
     assert [line.split()[:2] for line in out.splitlines()[1:]] == [
-        [name, "complete"] for name in ("ingest", "dedup_exact", "dedup_fuzzy", "tokenizer", "chat", "pack")
+        [name, "complete"] for name in ("ingest", "dedup_exact", "dedup_fuzzy", "decontaminate", "tokenizer", "chat", "pack")
     ]
 
     # Truncating instead: the long sample is cut to the last bucket, its prompt whole.

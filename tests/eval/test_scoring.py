@@ -89,3 +89,68 @@ def test_confidence_scores_a_batch_of_different_lengths_as_each_alone():
     together = confidence_scores(model, pairs, SPECIAL)
     alone = [confidence_scores(model, [p], SPECIAL)[0] for p in pairs]
     assert [s.logprob for s in together] == [s.logprob for s in alone]
+
+
+def test_elbo_with_guidance_masks_only_the_prompt_in_the_unconditional_pass():
+    """Against LLaDA's get_log_likelihood: its get_logits builds the unconditional batch by
+    masking the prompt positions only (un_batch[prompt_index] = mask_id)."""
+
+    class Seen:
+        def __init__(self):
+            self.batches = []
+
+        def __call__(self, tokens, keep=None):
+            self.batches.append(tokens.clone())
+            scores = (tokens * torch.arange(1, tokens.shape[1] + 1)).sum(1, keepdim=True) + torch.arange(tokens.shape[1])
+            return torch.nn.functional.one_hot(scores % VOCAB, VOCAB).float() * 3 + (tokens == SPECIAL.mask).float()[..., None]
+
+    prompt, answer = torch.tensor([7, 8, 9]), torch.tensor([10, 11, 12, 13, 14])
+    model, w, mc = Seen(), 0.7, 8
+    [ll] = elbo(model, [(prompt, answer)], SPECIAL, mc_num=mc, batch_size=4, cfg_scale=w, generator=torch.Generator().manual_seed(1))
+
+    clean = torch.cat([prompt, answer])
+    expected = 0.0
+    for batch in model.batches:
+        cond, uncond = batch.chunk(2)
+        reference_uncond = cond.clone()
+        reference_uncond[:, : len(prompt)] = SPECIAL.mask  # LLaDA: the prompt, nothing else
+        assert torch.equal(uncond, reference_uncond)
+        plain = Seen()
+        logits = plain(reference_uncond) + (w + 1) * (plain(cond) - plain(reference_uncond))
+        for row, logit in zip(cond, logits):
+            masked = row == SPECIAL.mask
+            ce = torch.nn.functional.cross_entropy(logit[masked].double(), clean[masked], reduction="sum")
+            expected -= float(ce) * len(answer) / int(masked.sum()) / mc
+    assert sum(len(b) // 2 for b in model.batches) == mc
+    assert math.isclose(ll, expected, rel_tol=1e-9)
+
+
+def test_eval_flags_choose_the_reveal_order_and_leave_the_repetition_guard_off():
+    from types import SimpleNamespace
+
+    from illada.cli import build_parser
+    from illada.eval.cli import harness_model
+
+    # The model is sure of other tokens than the candidate's: `target` reveals the position
+    # least sure of its own token first, `argmax` the most sure one.
+    boost = {3: 1.0, 2: 4.0, 1: 2.5}
+    model = Oracle({3: 13, 2: 14, 1: 15}, boost)
+    loaded = SimpleNamespace(model=model, special=SPECIAL, config=SimpleNamespace(max_seq_len=64), encode=lambda text: torch.tensor([7 + ord(c) % 6 for c in text]))
+    request = SimpleNamespace(args=("ab", "cde"))
+    pair = (loaded.encode("ab"), loaded.encode("cde"))
+
+    args = build_parser().parse_args(["eval", "ckpt", "--task", "illada_toy_gen"])
+    lm = harness_model(loaded, args)
+    assert lm.repetition is None and lm.confidence_order == "target"
+    reveals = {}
+    for order in ("target", "argmax"):
+        args = build_parser().parse_args(["eval", "ckpt", "--task", "illada_toy_mc", "--confidence-order", order])
+        model.seen.clear()
+        [(logprob, _)] = harness_model(loaded, args).loglikelihood([request])
+        reveals[order] = [c[0].tolist() for c in model.seen]
+        [expected] = confidence_scores(model, [pair], SPECIAL, order=order)
+        assert logprob == expected.logprob
+    first_revealed = {order: [i for i, t in enumerate(seen[1][2:]) if t != SPECIAL.mask] for order, seen in reveals.items()}
+    assert first_revealed == {"target": [0], "argmax": [1]}  # boosts: 1.0 at answer position 0, 4.0 at 1, 2.5 at 2
+    guarded = harness_model(loaded, build_parser().parse_args(["eval", "ckpt", "--task", "illada_toy_gen", "--repetition-guard"]))
+    assert guarded.repetition is not None

@@ -24,10 +24,16 @@ from illada.lineage.verify import verify
 from illada.pipeline.runner import run_pipeline
 from illada.train.data import PackedData
 from illada.data.stages import PRETRAIN as STAGES
-from tests.conftest import TinyConfigFactory
+from tests.conftest import TinyConfigFactory, tiny_docs
 from tests.lineage.conftest import TRAIN, train
 
-UPSTREAM = ("ingest", "dedup_exact", "dedup_fuzzy", "tokenizer", "tokenize")
+UPSTREAM = ("ingest", "dedup_exact", "dedup_fuzzy", "decontaminate", "tokenizer", "tokenize")
+PLANTED = " ".join(tiny_docs("alpha", 6)[2]["text"].split()[3:16])
+
+
+def planted_docs() -> list[str]:
+    """The raw documents holding the planted evaluation text."""
+    return [d["text"] for source in ("alpha", "beta") for d in tiny_docs(source, 6) if PLANTED in d["text"]]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +43,10 @@ def chain(tmp_path_factory, ray_local):
     tmp = tmp_path_factory.mktemp("chain")
     data = tmp / "data"
     raw = TinyConfigFactory().raw(str(data), str(tmp / "raw"))
+    # An evaluation set holding 13 words of one alpha document (beta's of the same number
+    # has the same words): decontamination takes both out.
+    (tmp / "planted.jsonl").write_text(json.dumps({"text": PLANTED}) + "\n")
+    raw["data"]["decontaminate"] = {"eval_sets": [{"name": "planted", "path": str(tmp / "planted.jsonl")}]}
     first = run_pipeline(load_config(base=copy.deepcopy(raw)), STAGES)
     # The second run re-packs into smaller shards; every stage before pack is up to date.
     second = run_pipeline(load_config(base=copy.deepcopy(raw), overrides=["data.pack.sequences_per_shard=4"]), STAGES)
@@ -110,6 +120,9 @@ def test_show_lists_every_link_back_to_the_raw_data(chain, capsys):
     assert {n.label for n in linked(lineage, node(lineage, "stage", "dedup_exact"), "input")} == {"ingest"}
     assert node(lineage, "stage", "ingest").facts["documents"] == 14
     assert node(lineage, "stage", "dedup_exact").facts["duplicates"] == 2
+    planted = planted_docs()
+    assert len(planted) == 2
+    assert node(lineage, "stage", "decontaminate").facts["removed per benchmark"]["planted"] == f"2 docs / {sum(len(t.split()) for t in planted)} words"
     raws = linked(lineage, node(lineage, "stage", "ingest"), "read")
     assert sorted(r.label for r in raws) == ["raw alpha", "raw beta"]
     assert node(lineage, "raw", "raw beta").facts["paths"] == [str(chain.tmp / "raw" / "beta.jsonl.zst")]
@@ -118,7 +131,15 @@ def test_show_lists_every_link_back_to_the_raw_data(chain, capsys):
     capsys.readouterr()
     assert main(["lineage", "show", str(chain.B), "--picture", str(chain.tmp / "lineage.svg")]) == 0
     out = capsys.readouterr().out
-    for label in ("initialised from: checkpoint step_00000003", "resumed from: checkpoint step_00000002", "trained by: training run tiny-train", "packed by: pack", "input: ingest", "read: raw alpha"):
+    for label in (
+        "initialised from: checkpoint step_00000003",
+        "resumed from: checkpoint step_00000002",
+        "trained by: training run tiny-train",
+        "packed by: pack",
+        "input: ingest",
+        "read: raw alpha",
+        "removed per benchmark: planted 2 docs",
+    ):
         assert label in out, out
     assert (chain.tmp / "lineage.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
     assert main(["lineage", "show", step(chain.B, 2), "--format", "json", "--picture", str(chain.tmp / "lineage.png")]) == 0
@@ -164,6 +185,8 @@ def test_mix_adds_up_to_the_tokens_consumed(chain, capsys):
     assert {n: r.tokens for n, r in by_source.items()} == replay(chain.data, 2)  # B's own 2 steps
     assert {n: r.inherited for n, r in by_source.items()} == replay(chain.data, 3)  # A's 3, resume included
     assert report.inherited_from == [step(chain.A, 3)]
+    planted = planted_docs()
+    assert report.decontamination["benchmarks"]["planted"] | {"texts": 0} == {"documents": 2, "words": sum(len(t.split()) for t in planted), "texts": 0, "too_short": 0}
     assert sum(r.share for r in report.rows) == pytest.approx(1.0)
     assert {n: r.target for n, r in by_source.items()} == {"alpha": 0.5, "beta": 0.5}
 
@@ -178,8 +201,11 @@ def test_mix_adds_up_to_the_tokens_consumed(chain, capsys):
     assert as_json["tokens"] == sum(replay(chain.data, 2).values())
     assert sum(r["seen"] for r in as_json["rows"]) == sum(replay(chain.data, 2).values()) + sum(replay(chain.data, 3).values())
     assert (chain.tmp / "mix.png").read_bytes()[:4] == b"\x89PNG"
+    assert as_json["decontamination"]["benchmarks"]["planted"]["documents"] == 2
     assert main(["lineage", "mix", str(chain.A)]) == 0
-    assert "alpha" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "alpha" in out and "removed by decontamination" in out
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith("planted")] == [["planted", "2"]]
 
 
 def test_verify_catches_one_changed_byte_and_a_vanished_file(chain, capsys):

@@ -58,7 +58,7 @@ def test_forced_rerun_reproduces_every_digest(tmp_path, corpus, ray_local):
 
 def test_stage_needs_complete_inputs(tmp_path, corpus, ray_local):
     config = make_config(tmp_path / "run", corpus)
-    with pytest.raises(PipelineError, match="needs dedup_fuzzy, tokenizer to be complete first"):
+    with pytest.raises(PipelineError, match="needs decontaminate, tokenizer to be complete first"):
         run_pipeline(config, STAGES, only="tokenize")
     with pytest.raises(PipelineError, match="unknown stage 'tokenise'"):
         run_pipeline(config, STAGES, only="tokenise")
@@ -102,3 +102,52 @@ def test_interrupted_stage_resumes_without_redoing_finished_tasks(tmp_path, corp
     second_run = (tmp_path / "run" / "executions.log").read_text().split()[len(first_run) :]
     assert set(second_run) == {f"t{i}" for i in range(6)} - finished_first
     assert pipeline_status(config, [FLAKY])[0].state == "complete"
+
+
+# --- outputs that look complete but are not -----------------------------------------------
+
+
+def test_a_changed_or_deleted_shard_is_reported_and_rebuilt(tmp_path, corpus, ray_local, capsys):
+    from illada.cli import main
+
+    config = make_config(tmp_path / "run", corpus)
+    first = run_pipeline(config, STAGES)
+    shards = sorted((tmp_path / "run" / "pack" / "shards").rglob("*.arrow"))
+    original = shards[0].read_bytes()
+
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF
+    shards[0].write_bytes(bytes(flipped))
+    assert pipeline_status(config, STAGES)[-1].state == "complete"  # same size: only a checksum sees it
+    [pack] = [s for s in pipeline_status(config, STAGES, verify=True) if s.name == "pack"]
+    assert pack.state == "damaged" and "sha256" in pack.problems[0] and shards[0].name in pack.problems[0]
+    rebuilt = run_pipeline(config, STAGES, verify=True)
+    assert rerun_stages(first, rebuilt) == {"pack"} and rebuilt["pack"]["digest"] == first["pack"]["digest"]
+    assert shards[0].read_bytes() == original
+
+    shards[1].unlink()
+    assert [s.state for s in pipeline_status(config, STAGES)][-1] == "damaged"
+    raw = {"name": "test", "root": str(tmp_path / "run"), "data": config.data.model_dump(mode="json")}
+    from tests.conftest import TinyConfigFactory
+
+    path = TinyConfigFactory.write_yaml(raw, tmp_path / "c.yaml")
+    assert main(["pipeline", "status", path]) == 0
+    assert "pack          damaged" in capsys.readouterr().out
+    again = run_pipeline(config, STAGES)
+    assert rerun_stages(rebuilt, again) == {"pack"} and shards[1].exists()
+
+    # Staleness flows downstream: a new tokenizer makes what was made from it stale too.
+    changed = make_config(tmp_path / "run", corpus, ["data.tokenizer.vocab_size=280"])
+    states = {s.name: s.state for s in pipeline_status(changed, STAGES)}
+    assert (states["dedup_fuzzy"], states["tokenizer"], states["tokenize"], states["pack"]) == ("complete", "stale", "stale", "stale")
+
+
+def test_resuming_removes_orphaned_temporary_files(tmp_path, corpus, ray_local):
+    config = make_config(tmp_path / "run", corpus)
+    with pytest.raises(Exception, match="simulated crash"):
+        run_pipeline(config, [FLAKY])
+    orphan = tmp_path / "run" / "flaky" / ".tmp-0123abcd-t9.txt"  # what a killed atomic write leaves
+    orphan.write_bytes(b"half")
+    run_pipeline(config, [FLAKY])
+    assert not orphan.exists()
+    assert not list((tmp_path / "run").rglob(".tmp-*"))

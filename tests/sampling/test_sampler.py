@@ -122,7 +122,7 @@ def test_threshold_and_cache_off_or_inert_give_the_plain_output():
     plain = generate(ContextModel(), prompts(), SamplerConfig(gen_length=16, steps=16, block_length=8), SPECIAL)
     cached = generate(CachedContextModel(), prompts(), SamplerConfig(gen_length=16, steps=16, block_length=8, prefix_cache=True), SPECIAL)
     # A threshold no confidence reaches commits exactly the best proposal per step.
-    unreachable = generate(ContextModel(), prompts(), SamplerConfig(gen_length=16, steps=16, block_length=8, decoding=Decoding(threshold=1.5)), SPECIAL)
+    unreachable = generate(ContextModel(), prompts(), SamplerConfig(gen_length=16, steps=16, block_length=8, decoding=Decoding(threshold=1.0)), SPECIAL)
     assert torch.equal(cached.tokens, plain.tokens) and torch.equal(unreachable.tokens, plain.tokens)
     assert cached.nfe == unreachable.nfe == plain.nfe == 16
 
@@ -200,6 +200,9 @@ def test_bad_configs_say_what_to_fix(kwargs, message):
 
 
 def test_bad_decodings_say_what_to_fix():
+    for threshold in (1.5, 0.0, -0.1):
+        with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+            Decoding(threshold=threshold)
     with pytest.raises(ValueError, match="threshold decoding compares model confidences"):
         Decoding(remasking="random", threshold=0.9)
     with pytest.raises(ValueError, match="remasking must be one of low_confidence, random"):

@@ -93,3 +93,27 @@ def test_resuming_from_state_continues_the_same_samples(tmp_path, manifest):
 def test_mix_naming_an_unknown_source_is_an_error(tmp_path, manifest):
     with pytest.raises(ValueError, match=r"no shards: \['c'\]"):
         PackedData(manifest, str(tmp_path), {"a": 1, "c": 1}, seed=0)
+
+
+def test_micro_batches_count_the_real_tokens_trained_after_the_random_cut():
+    from illada.config import TrainConfig
+    from illada.train.data import Sequences
+    from illada.train.trainer import micro_batches
+
+    pad_id, mask_id, seq = 0, 5, 32
+    tokens = np.arange(100, 100 + 6 * seq, dtype=np.int64).reshape(6, seq)
+    pads = np.array([0, 7, 0, 31, 3, 0])
+    for row, pad in enumerate(pads):
+        tokens[row, seq - pad :] = pad_id
+    rows = Sequences(tokens, pads, ["a", "b", "a", "b", "a", "b"])
+    train = TrainConfig.model_validate({"data_root": "unused", "steps": 1, "global_batch_size": 6, "micro_batch_size": 2, "random_length_fraction": 1.0})
+
+    batches, counted = micro_batches(rows, train, step=0, mask_id=mask_id, device="cpu")
+
+    assert any(b.clean.shape[1] < seq for b in batches)  # every micro-batch is cut here
+    expected = {"a": 0, "b": 0}  # independently: the non-pad ids left in each cut micro-batch
+    for k, batch in enumerate(batches):
+        for r in range(batch.clean.shape[0]):
+            expected[rows.sources[2 * k + r]] += int((batch.clean[r] != pad_id).sum())
+            assert not batch.noised.masked[r][batch.clean[r] == pad_id].any()
+    assert counted == expected

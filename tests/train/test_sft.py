@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from illada.train.checkpoint import MARKER, complete_checkpoints
+from illada.layout import CHECKPOINT_MARKER as MARKER, complete_checkpoints
 from tests.distributed import run_distributed
 
 MODEL = {"preset": "tiny", "vocab_size": 512, "max_seq_len": 64}
@@ -138,7 +138,7 @@ def test_fine_tuning_answers_held_out_instructions_better_than_the_pretrained_ch
 def test_sft_losses_fall_and_lineage_names_the_parent_checkpoint_and_the_sft_data(fine_tuned, pretrained, instructions):
     from mlflow.tracking import MlflowClient
 
-    from illada.train.checkpoint import resolve
+    from illada.layout import resolve_checkpoint as resolve
 
     for mode, steps in STEPS.items():
         curve = losses(f"sft-{mode}")

@@ -60,7 +60,7 @@ def test_the_position_resumes_and_ranks_read_their_slices(tmp_path, manifest):
 
 def test_epochs_give_the_steps_and_the_objective_must_match_the_data(tmp_path, manifest):
     def config(**train):
-        return load_config(base={"name": "t", "root": str(tmp_path), "train": {"global_batch_size": 8, **train}})
+        return load_config(base={"name": "t", "root": str(tmp_path), "train": {"global_batch_size": 8, "optim": {"warmup_steps": 0}, **train}})
 
     sft = config(objective="sft", sft={"epochs": 3})
     assert with_steps(sft, manifest, {"a": 1.0, "b": 1.0}).train.steps == 18  # ceil(3 * 48 / 8)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from illada.train.checkpoint import MARKER, complete_checkpoints
+from illada.layout import CHECKPOINT_MARKER as MARKER, complete_checkpoints
 from tests.conftest import REPO
 from tests.distributed import run_distributed
 
@@ -135,10 +135,11 @@ def _logits(rank: int, checkpoint: str, tp: int, pp: int) -> torch.Tensor | None
     from illada.model.build import build_model, forward_logits, transformer_config
     from illada.model.config import ModelConfig
     from illada.parallel import init_parallel
-    from illada.train.checkpoint import load_model_weights, read_info
+    from illada.layout import checkpoint_info
+    from illada.train.checkpoint import load_model_weights
 
     init_parallel(tp, pp)
-    cfg = ModelConfig(**read_info(checkpoint)["model"])
+    cfg = ModelConfig(**checkpoint_info(checkpoint).model)
     model = build_model(
         cfg,
         transformer_config(cfg, tp=tp, pp=pp),
