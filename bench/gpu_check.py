@@ -114,11 +114,11 @@ def planner_check(args) -> list[dict]:
             raise SystemExit(f"layout {name} failed")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"\nplanner vs torch.cuda.max_memory_allocated(), {shape(args)[0]}, seq {shape(args)[1]}, one GPU:")
-    print(f"  {'layout':<60}{'predicted GiB':>14}{'measured GiB':>14}{'error':>8}")
+    print(f"  {'layout':<72}{'predicted GiB':>14}{'measured GiB':>14}{'error':>8}")
     for r in rows:
         measured = f"{r['measured'] / 2**30:.2f}" if r["measured"] else "n/a"
         error = f"{(r['predicted'] - r['measured']) / r['measured']:+.1%}" if r["measured"] else "-"
-        print(f"  {r['describe']:<60}{r['predicted'] / 2**30:>14.2f}{measured:>14}{error:>8}")
+        print(f"  {r['describe']:<72}{r['predicted'] / 2**30:>14.2f}{measured:>14}{error:>8}")
     return rows
 
 
