@@ -1,15 +1,19 @@
-"""Training throughput: illada's megatron-core step against plain PyTorch, same model, same process.
+"""Training throughput: illada's megatron-core step against plain PyTorch, eager and under
+`torch.compile`, same model, same process, same batches.
 
 The megatron side is the trainer's own code: `build` (GPTModel, megatron DDP, megatron's
-AdamW with fp32 main weights, WSD schedule), `micro_batches` (the masked-diffusion noise)
-and megatron's forward-backward schedule. The baseline is the same architecture written
-in plain PyTorch (nn.Linear, torch SDPA, RMSNorm, SwiGLU, RoPE, tied embeddings) under bf16
-autocast with fused AdamW, trained on the same objective. Both see the same batches.
+AdamW with fp32 main weights, WSD schedule; the config's switches, e.g. train.optim.
+torch_impl, apply), `micro_batches` (the masked-diffusion noise) and megatron's
+forward-backward schedule. The baselines are the same architecture written in plain
+PyTorch (nn.Linear, torch SDPA, RMSNorm, SwiGLU, RoPE, tied embeddings) under bf16 autocast
+with fused AdamW, trained on the same objective: once eager, once `torch.compile`d.
 
-    python bench/train_throughput.py --device cuda --preset 1b --seq-len 2048 --micro-batch 4
-    python bench/train_throughput.py --device cpu --preset tiny --seq-len 256   # a smoke run
+    python bench/train_throughput.py --device cuda --preset 1b --seq-len 4096 --micro-batch 2
+    python bench/train_throughput.py --device cpu --preset tiny --seq-len 256 --compile-backend eager  # a smoke run
+    python bench/train_throughput.py ... train.optim.torch_impl=foreach   # illada config overrides
 
-Prints tokens/s, MFU (bidirectional attention FLOPs counted) and megatron/baseline.
+Prints tokens/s, MFU (bidirectional attention FLOPs counted), peak GPU memory and final
+loss of each, and illada/eager, illada/compiled.
 """
 
 from __future__ import annotations
@@ -101,7 +105,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, inputs: list, args) -> tuple[float, list[float]]:
+def time_steps(step, inputs: list, args) -> tuple[float, list[float], float | None]:
+    """Seconds of the timed steps, their losses, and the peak GPU memory allocated (None on CPU)."""
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for x in inputs[: args.warmup]:
         step(x)
     sync(args.device)
@@ -109,9 +116,10 @@ def time_steps(step, inputs: list, args) -> tuple[float, list[float]]:
     losses = [step(x) for x in inputs[args.warmup :]]
     sync(args.device)
     seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
     if args.profile:
         profile(step, inputs[-1], args.device)
-    return seconds, losses
+    return seconds, losses, peak
 
 
 def profile(step, batch, device: str) -> None:
@@ -127,26 +135,27 @@ def profile(step, batch, device: str) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
 
 
-def run_reference(cfg: ModelConfig, inputs: list, args) -> tuple[float, list[float]]:
+def run_reference(cfg: ModelConfig, inputs: list, args, compiled: bool = False) -> tuple[float, list[float], float | None]:
     device = torch.device(args.device)
     model = Reference(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=args.device == "cuda")
+    forward = torch.compile(model, backend=args.compile_backend) if compiled else model
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
 
     def step(batch):
         clean, noised = batch
         opt.zero_grad(set_to_none=True)
         with torch.autocast(args.device, dtype=dtype, enabled=args.device == "cuda"):
-            ce = model(noised.tokens.to(device), clean.to(device))
+            ce = forward(noised.tokens.to(device), clean.to(device))
         loss = diffusion_loss(ce.float(), _to(noised, device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         return loss.detach()
 
-    seconds, losses = time_steps(step, inputs, args)
-    del model, opt
-    return seconds, [float(x) for x in losses]
+    seconds, losses, peak = time_steps(step, inputs, args)
+    del model, opt, forward
+    return seconds, [float(x) for x in losses], peak
 
 
 def _to(noised, device):
@@ -155,20 +164,26 @@ def _to(noised, device):
     return Noised(noised.tokens.to(device), noised.masked.to(device), noised.p.to(device))
 
 
-def run_megatron(cfg: ModelConfig, inputs: list, args) -> tuple[float, list[float]]:
+def bench_config(cfg: ModelConfig, micro_batch: int, overrides: list[str] = ()) -> Config:
+    """The trainer's config for one micro-batch per step, with `key.sub=value` overrides."""
+    from illada.config import load_config
+
+    base = {
+        "name": "bench",
+        "root": "/tmp/illada-bench",
+        "model": cfg.model_dump(),
+        "train": {"steps": 1000, "global_batch_size": micro_batch, "micro_batch_size": micro_batch, "optim": {"lr": 1e-4, "warmup_steps": 0}},
+    }
+    return load_config(None, list(overrides), base=base)
+
+
+def run_megatron(cfg: ModelConfig, inputs: list, args) -> tuple[float, list[float], float | None]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from illada.parallel import destroy_parallel, init_parallel
     from illada.train.trainer import Batch, build, forward_step
 
-    config = Config.model_validate(
-        {
-            "name": "bench",
-            "root": "/tmp/illada-bench",
-            "model": cfg.model_dump(),
-            "train": {"steps": 1000, "global_batch_size": args.micro_batch, "micro_batch_size": args.micro_batch, "optim": {"lr": 1e-4, "warmup_steps": 0}},
-        }
-    )
+    config = bench_config(cfg, args.micro_batch, args.overrides)
     init_parallel(1, 1)
     model, optimizer, scheduler, _ = build(config)
     forward_backward = get_forward_backward_func()
@@ -191,45 +206,65 @@ def run_megatron(cfg: ModelConfig, inputs: list, args) -> tuple[float, list[floa
         scheduler.step(increment=1)
         return losses[0]["loss"]
 
-    seconds, losses = time_steps(step, inputs, args)
+    seconds, losses, peak = time_steps(step, inputs, args)
     del model, optimizer
     destroy_parallel()
-    return seconds, [float(x) for x in losses]
+    return seconds, [float(x) for x in losses], peak
 
 
-def main() -> None:
+SIDES = ("illada (megatron-core)", "plain PyTorch, eager", "plain PyTorch, compiled")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     p.add_argument("--preset", default="1b")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled baseline (eager: a CPU smoke run)")
     p.add_argument("--profile", action="store_true", help="also print each side's top operators for one step")
-    args = p.parse_args()
+    p.add_argument("--sides", default="illada,eager,compiled", help="which sides to run, comma-separated (default: all three)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="illada config overrides for the megatron side, e.g. train.optim.torch_impl=foreach")
+    return p.parse_args(argv)
 
+
+def measure(args: argparse.Namespace) -> dict[str, dict]:
+    """Each side's tokens/s, MFU, peak memory and final loss; prints a table as it goes."""
     cfg = ModelConfig(preset=args.preset, max_seq_len=max(args.seq_len, 1))
     inputs = batches(cfg, args.warmup + args.steps, args.micro_batch, args.seq_len)
     tokens = args.steps * args.micro_batch * args.seq_len
     flops = flops_per_token(cfg, args.seq_len)
     peak = peak_flops() if args.device == "cuda" else None
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"{args.preset}: {num_parameters(cfg) / 1e9:.2f}B parameters, seq {args.seq_len}, micro-batch {args.micro_batch}, {args.steps} timed steps on {device_name}")
-    print(f"{'':<22}{'tokens/s':>12}{'MFU':>8}{'final loss':>12}")
-
+    print(f"{args.preset}: {num_parameters(cfg) / 1e9:.2f}B parameters, seq {args.seq_len}, micro-batch {args.micro_batch}, {args.steps} timed steps on {device_name}, torch {torch.__version__}")
+    print(f"{'':<26}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'final loss':>12}")
+    runs = (run_megatron, run_reference, lambda c, i, a: run_reference(c, i, a, compiled=True))
+    wanted = args.sides.split(",")
     results = {}
-    for name, run in (("megatron (illada)", run_megatron), ("plain PyTorch + SDPA", run_reference)):
-        seconds, losses = run(cfg, inputs, args)
+    for name, key, run in zip(SIDES, ("illada", "eager", "compiled"), runs):
+        if key not in wanted:
+            continue
+        seconds, losses, peak_bytes = run(cfg, inputs, args)
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
         rate = tokens / seconds
-        mfu = f"{rate * flops / peak:.1%}" if peak else "-"
-        results[name] = rate
         assert all(math.isfinite(x) for x in losses), f"{name}: non-finite loss {losses}"
-        print(f"{name:<22}{rate:>12,.0f}{mfu:>8}{np.mean(losses[-3:]):>12.3f}")
-    ratio = results["megatron (illada)"] / results["plain PyTorch + SDPA"]
-    print(f"ratio megatron/baseline: {ratio:.2f}")
+        results[name] = {"tokens_per_s": rate, "mfu": rate * flops / peak if peak else None, "peak_bytes": peak_bytes, "final_loss": float(np.mean(losses[-3:]))}
+        r = results[name]
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
+        mem = f"{peak_bytes / 2**30:.1f}" if peak_bytes else "-"
+        print(f"{name:<26}{rate:>12,.0f}{mfu:>8}{mem:>10}{r['final_loss']:>12.3f}")
+    if len(results) == len(SIDES):
+        illada, eager, compiled = (results[n]["tokens_per_s"] for n in SIDES)
+        print(f"illada / eager: {illada / eager:.2f}x   illada / compiled: {illada / compiled:.2f}x")
+    return results
+
+
+def main() -> None:
+    measure(parse_args())
 
 
 if __name__ == "__main__":

@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     from illada.hf.cli import add_parsers as add_hf_parsers
 
     add_hf_parsers(sub)  # import hf, export hf
+    from illada.train.plan import add_parsers as add_plan_parser
+
+    add_plan_parser(sub)  # plan
     return parser
 
 

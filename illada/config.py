@@ -277,9 +277,30 @@ class DataConfig(Strict):
 
 
 class ParallelConfig(Strict):
+    """The layout (`illada plan` proposes one that fits) and megatron's data-parallel options.
+    The distributed optimizer (and so overlap_param_gather) needs GPUs: megatron refuses CPU tensors."""
+
     tensor: int = Field(1, gt=0, description="Tensor-parallel size.")
     pipeline: int = Field(1, gt=0, description="Pipeline-parallel size; data parallel is world / (tensor x pipeline).")
     sequence_parallel: bool = False
+    use_distributed_optimizer: bool = Field(
+        False, description="Shard the fp32 main weights and Adam moments over the data-parallel ranks (12 bytes per parameter become 12/DP). GPU only."
+    )
+    overlap_grad_reduce: bool = Field(False, description="Reduce gradients in buckets during the backward pass.")
+    overlap_param_gather: bool = Field(
+        False, description="With the distributed optimizer: gather the updated weights during the next forward pass. GPU only."
+    )
+
+    @model_validator(mode="after")
+    def _param_gather_needs_sharding(self) -> ParallelConfig:
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("overlap_param_gather needs use_distributed_optimizer: true (only sharded weights are gathered)")
+        return self
+
+    @property
+    def gpu_only(self) -> list[str]:
+        """The switches set here that megatron refuses on CPU tensors."""
+        return [k for k in ("use_distributed_optimizer", "overlap_param_gather") if getattr(self, k)]
 
 
 class OptimConfig(Strict):
@@ -294,6 +315,11 @@ class OptimConfig(Strict):
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 turns clipping off.")
+    torch_impl: Literal["fused", "foreach", "for_loop"] = Field(
+        "fused",
+        description="Without Transformer Engine or Apex megatron steps with torch's AdamW: its fused kernel, "
+        "its multi-tensor (foreach) one, or a loop over the parameters.",
+    )
 
 
 class CheckpointConfig(Strict):
@@ -328,6 +354,18 @@ class SFTConfig(Strict):
     epochs: float | None = Field(None, gt=0, description="Train this many passes over the SFT samples (sets the steps); instead of train.steps.")
 
 
+class RecomputeConfig(Strict):
+    """Activation recomputation: keep fewer activations and recompute them in the backward pass."""
+
+    granularity: Literal["none", "selective"] = Field("none", description="selective: recompute the modules below (megatron's recompute_granularity).")
+    modules: list[Literal["core_attn", "mlp"]] = Field(
+        ["core_attn"],
+        min_length=1,
+        description="core_attn: the attention kernel (little to save with SDPA, which keeps no [s, s] scores); "
+        "mlp: the whole SwiGLU MLP (saves most, costs about a fifth more compute).",
+    )
+
+
 class TrainConfig(Strict):
     data_root: str | None = Field(None, description="Root of a data-pipeline run (its pack/manifest.json is read); default: root.")
     mix: dict[str, float] | None = Field(None, description="Source weights; default: the data config's mix.")
@@ -349,6 +387,18 @@ class TrainConfig(Strict):
         None, gt=0, description="Stop this run after N steps with a checkpoint (to fit a scheduler's time limit); the next run resumes."
     )
     parallel: ParallelConfig = ParallelConfig()
+    recompute: RecomputeConfig = RecomputeConfig()
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = Field(
+        "auto",
+        description="The layer implementation: auto picks Transformer Engine's when it is importable on a GPU machine, "
+        "else megatron's local layers with torch SDPA. Both name the weights alike in checkpoints; loading across them is untested.",
+    )
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="GPU memory for the memory preflight when the device or the cluster's GPU type does not tell (e.g. A100 40 or 80 GB)."
+    )
+    memory_check: bool = Field(
+        True, description="Refuse to start a layout the memory planner (illada plan) says will not fit a GPU; false: only warn."
+    )
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     collective_timeout_s: float = Field(

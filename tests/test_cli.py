@@ -62,7 +62,7 @@ def test_an_override_after_an_option_reaches_the_config(capsys):
 # --- a light start ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["pipeline", "status", "--help"], ["config", "show", "configs/train/1b.yaml"], ["generate", "--help"], ["chat", "--help"], ["export", "hf", "--help"], ["plan", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["pipeline", "status", "--help"], ["config", "show", "configs/train/1b.yaml"], ["generate", "--help"], ["chat", "--help"], ["export", "hf", "--help"], ["plan", "--help"], ["plan", "configs/train/8b.yaml", "--gpus", "8"]])
 def test_parsing_and_help_import_nothing_heavy(argv):
     probe = (
         "import sys\nfrom illada.cli import main\n"
@@ -88,6 +88,9 @@ QUICKSTART = "configs/quickstart.yaml"  # 300 steps, warm-up 30, decay 100, glob
         (["config", "show", QUICKSTART, "train.parallel.pipeline=4"], ["num_layers (2) is not divisible by the pipeline-parallel size 4"]),
         (["config", "show", QUICKSTART, "train.stepz=4"], ["unknown config key 'train.stepz'", "did you mean 'steps'"]),
         (["pipeline", "run", QUICKSTART, "--stage", "nope"], ["unknown stage 'nope'"]),
+        (["config", "show", QUICKSTART, "train.parallel.overlap_param_gather=true"], ["overlap_param_gather needs use_distributed_optimizer: true"]),
+        (["plan", QUICKSTART, "--gpus", "2", "--gpu-memory", "lots"], ["--gpu-memory 'lots' is not a size"]),
+        (["train", QUICKSTART, "train.parallel.use_distributed_optimizer=true"], ["train.parallel.use_distributed_optimizer: needs a GPU"]),
     ],
 )
 def test_config_mistakes_are_one_line(argv, fragments, tmp_path):

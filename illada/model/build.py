@@ -14,6 +14,8 @@ megatron's `get_forward_backward_func`.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
@@ -23,6 +25,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from illada.errors import UserError
 from illada.model.attention import SDPAttention
 from illada.model.config import ModelConfig, check_parallel_sizes
 
@@ -35,7 +38,10 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
     bf16: bool = False,
     sequence_parallel: bool = False,
+    recompute_modules: list[str] | None = None,
 ) -> TransformerConfig:
+    """megatron's TransformerConfig for this shape; `recompute_modules` (e.g. ["core_attn",
+    "mlp"]) turns on selective activation recomputation of those modules."""
     check_parallel_sizes(cfg, tp, pp)
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -69,6 +75,8 @@ def transformer_config(
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        recompute_granularity="selective" if recompute_modules else None,
+        recompute_modules=list(recompute_modules) if recompute_modules else None,
     )
 
 
@@ -90,6 +98,27 @@ def bidirectional_layer_spec() -> ModuleSpec:
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    return spec
+
+
+def transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def layer_spec(impl: str = "auto") -> ModuleSpec:
+    """The layer for train.transformer_impl: "local" (megatron's layers, torch SDPA and
+    RMSNorm), "transformer_engine" (TE's fused layers and attention), or "auto": TE's where
+    it is importable on a GPU machine (NGC images), the local one elsewhere."""
+    if impl == "auto":
+        impl = "transformer_engine" if transformer_engine_available() else "local"
+    if impl == "local":
+        return bidirectional_layer_spec()
+    if not transformer_engine_available():
+        raise UserError("train.transformer_impl is transformer_engine but transformer_engine is not importable on a GPU here; set it to auto or local")
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    spec = get_gpt_layer_with_transformer_engine_spec()
+    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
     return spec
 
 

@@ -205,11 +205,45 @@ def validate(config: Config) -> Plan:
     config.require("model", "train")
     check_v2()
     storage.configure(config.storage)
-    check_data(config)
+    manifest = check_data(config)
     plan = plan_on_cluster(config.train)
+    check_memory(config, plan, manifest["stats"]["seq_len"], [n["Resources"] for n in alive_nodes()])
     check_checkpoint_dir(config, plan)
     log.info("checked: data, %d worker(s) fit the cluster, every node reaches the checkpoint directory", plan.workers)
     return plan
+
+
+def gpu_memory_bytes(train: TrainConfig, nodes: list[dict[str, float]]) -> float | None:
+    """Memory per GPU: train.gpu_memory_gib, else from the GPU type Ray reports for the nodes
+    (the smallest, when they differ); None when neither tells."""
+    from illada.train.plan import GPU_MEMORY_GIB, GiB
+
+    if train.gpu_memory_gib:
+        return train.gpu_memory_gib * GiB
+    types = {key.removeprefix("accelerator_type:") for n in nodes for key in n if key.startswith("accelerator_type:") and n.get("GPU")}
+    sizes = [GPU_MEMORY_GIB.get(t) for t in types]
+    if not sizes or None in sizes:
+        return None
+    return min(sizes) * GiB
+
+
+def check_memory(config: Config, plan: Plan, seq_len: int, nodes: list[dict[str, float]]) -> None:
+    """The planner's preflight (illada.train.plan): LaunchError, with the numbers, when the
+    layout does not fit a GPU. Skipped on CPU workers and GPUs of unknown size."""
+    from illada.config import ConfigError
+    from illada.train.plan import check_fits
+
+    if not plan.use_gpu:
+        return
+    gpu_bytes = gpu_memory_bytes(config.train, nodes)
+    if gpu_bytes is None:
+        log.info("memory preflight skipped: the GPU type does not tell its memory; set train.gpu_memory_gib to check")
+        return
+    train = config.train
+    try:
+        check_fits(config, plan.workers // (train.parallel.tensor * train.parallel.pipeline), seq_len, gpu_bytes)
+    except ConfigError as e:
+        raise LaunchError(str(e)) from None
 
 
 def check_v2() -> None:

@@ -30,7 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from illada import storage
 from illada.config import Config, ConfigError, TrainConfig
-from illada.model.build import build_model, transformer_config
+from illada.model.build import build_model, layer_spec, transformer_config
 from illada.model.config import ModelConfig
 from illada.objective import Noised, add_noise, answer_length_loss, diffusion_loss, random_length
 from illada.parallel import init_parallel
@@ -67,7 +67,9 @@ def build(config: Config):
     """Model (wrapped in megatron DDP), optimizer and LR schedule for this rank."""
     train, model_cfg = config.train, config.model
     on_gpu = torch.cuda.is_available()
+    check_device_support(train, on_gpu)
     bf16 = train.bf16 and on_gpu
+    recompute = train.recompute
     tconfig = transformer_config(
         model_cfg,
         tp=train.parallel.tensor,
@@ -75,6 +77,7 @@ def build(config: Config):
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
         sequence_parallel=train.parallel.sequence_parallel,
+        recompute_modules=recompute.modules if recompute.granularity == "selective" else None,
     )
     tconfig.variable_seq_lengths = train.parallel.pipeline > 1 and (train.random_length_fraction > 0 or train.objective == "sft")
     model = build_model(
@@ -82,28 +85,16 @@ def build(config: Config):
         tconfig,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
+        layer_spec=layer_spec(train.transformer_impl),
     )
     if on_gpu:
         model.cuda()
-    model = DistributedDataParallel(tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    model = DistributedDataParallel(tconfig, ddp_config(train), model)
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.no_sync_func = model.no_sync
     optim = train.optim
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=optim.lr,
-            min_lr=optim.min_lr,
-            weight_decay=optim.weight_decay,
-            adam_beta1=optim.beta1,
-            adam_beta2=optim.beta2,
-            adam_eps=optim.eps,
-            clip_grad=optim.clip_grad,
-            bf16=bf16,
-            params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        ),
-        [model],
-    )
+    optimizer = get_megatron_optimizer(optimizer_config(train, bf16), [model])
+    use_torch_adamw(optimizer, optim.torch_impl)
     decay_style = "WSD" if optim.decay_steps else "constant"
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -121,6 +112,67 @@ def build(config: Config):
         lr_wsd_decay_style="cosine" if optim.decay_steps else None,
     )
     return model, optimizer, scheduler, tconfig
+
+
+def check_device_support(train: TrainConfig, on_gpu: bool) -> None:
+    """Megatron's distributed optimizer (so also overlap_param_gather) refuses CPU tensors and
+    its recomputation saves CUDA RNG states: say so in one line instead of deep in megatron.
+    (overlap_grad_reduce works on gloo.)"""
+    if on_gpu:
+        return
+    gpu_only = [f"train.parallel.{k}" for k in train.parallel.gpu_only]
+    if train.recompute.granularity != "none":
+        gpu_only.append("train.recompute.granularity")
+    if gpu_only:
+        raise ConfigError(f"{', '.join(gpu_only)}: needs a GPU (megatron runs it on CUDA tensors only); turn it off for CPU runs")
+
+
+def ddp_config(train: TrainConfig) -> DistributedDataParallelConfig:
+    parallel = train.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
+    )
+
+
+def optimizer_config(train: TrainConfig, bf16: bool) -> OptimizerConfig:
+    optim = train.optim
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.beta1,
+        adam_beta2=optim.beta2,
+        adam_eps=optim.eps,
+        clip_grad=optim.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=train.parallel.use_distributed_optimizer,
+        overlap_param_gather=train.parallel.overlap_param_gather,
+    )
+
+
+def use_torch_adamw(optimizer, impl: str) -> None:
+    """Without TE or Apex, megatron builds torch's AdamW with its defaults (the foreach kernel
+    on GPUs) and has no option for the fused one, which steps about twice as fast. torch's
+    AdamW reads `fused`/`foreach` from each parameter group at every step, so set them there;
+    megatron's wrapper and its checkpoints keep the same optimizer object. (A checkpoint's
+    groups carry their own flags: call this again after loading one.)"""
+    inner = getattr(optimizer, "optimizer", None)
+    if not isinstance(inner, torch.optim.AdamW):
+        return  # TE's or Apex's fused Adam: already fused
+    fused, foreach = impl == "fused", impl == "foreach"
+    inner.defaults.update(fused=fused, foreach=foreach)
+    inner._step_supports_amp_scaling = fused
+    for group in inner.param_groups:
+        group.update(fused=fused, foreach=foreach)
+        for p in group["params"]:
+            step = inner.state.get(p, {}).get("step")
+            if fused and step is not None:  # the fused kernel keeps its step count on the parameter's device
+                inner.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
 def micro_batches(rows: Sequences, train: TrainConfig, step: int, mask_id: int, device) -> tuple[list[Batch], dict[str, int]]:
@@ -222,6 +274,7 @@ def train_loop(config: Config, on_step=None) -> TrainState:
 
     config.require("model", "train")
     train, model_cfg = config.train, config.model
+    check_device_support(train, torch.cuda.is_available())
     init_parallel(train.parallel.tensor, train.parallel.pipeline, train.seed, timeout_s=train.collective_timeout_s)
     storage.configure(config.storage)
     manifest = data_manifest(train)
@@ -237,11 +290,13 @@ def train_loop(config: Config, on_step=None) -> TrainState:
             f"train.global_batch_size ({train.global_batch_size}) must be divisible by data-parallel size ({dp_size}) "
             f"x train.micro_batch_size ({train.micro_batch_size})"
         )
+    check_memory(config, dp_size, manifest["stats"]["seq_len"])
     model, optimizer, scheduler, tconfig = build(config)
     data = (sft.SFTData if train.objective == "sft" else PackedData)(manifest, train.data_root, mix, train.seed, parallel_state.get_data_parallel_rank(), dp_size)
     state = TrainState(tokens_per_source=dict.fromkeys(data.schedule.names, 0))
     checkpointer = Checkpointer(config)
-    checkpointer.restore(model, optimizer, scheduler, data, state)
+    if checkpointer.restore(model, optimizer, scheduler, data, state):
+        use_torch_adamw(optimizer, train.optim.torch_impl)  # the loaded param groups carry the saving run's flags
 
     seq_len = manifest["stats"]["seq_len"]
     mask_id = manifest["stats"]["special_ids"]["mask"]
@@ -288,9 +343,36 @@ def train_loop(config: Config, on_step=None) -> TrainState:
             if on_step:
                 on_step(state.step, loss)
             if state.step % train.checkpoint.interval == 0 or state.step == last_step:
-                path = checkpointer.save(model, optimizer, scheduler, data, state)
+                with weights_gathered(model):
+                    path = checkpointer.save(model, optimizer, scheduler, data, state)
                 metrics.log_checkpoint(path)
     return state
+
+
+def check_memory(config: Config, dp: int, seq_len: int) -> None:
+    """Refuse, with the planner's numbers, a layout that will not fit this GPU (illada.train.plan)."""
+    if not torch.cuda.is_available():
+        return
+    from illada.train.plan import GiB, check_fits
+
+    gib = config.train.gpu_memory_gib
+    total = gib * GiB if gib else torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    check_fits(config, dp, seq_len, total)
+
+
+@contextmanager
+def weights_gathered(model):
+    """With overlap_param_gather the optimizer's updated weight shards are gathered lazily, in
+    the next forward pass; gather them now (what megatron's own training loop does before
+    saving) and go back to lazy gathering after."""
+    lazy = getattr(model, "use_forward_hook", False)
+    if lazy:
+        model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        if lazy:
+            model.enable_forward_pre_hook()
 
 
 class Terminated(Exception):
