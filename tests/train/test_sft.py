@@ -17,7 +17,7 @@ from illada.layout import CHECKPOINT_MARKER as MARKER, complete_checkpoints
 from tests.distributed import run_distributed
 
 MODEL = {"preset": "tiny", "vocab_size": 512, "max_seq_len": 64}
-STEPS = {"llada": 400, "illada": 200}
+STEPS = {"llada": 400, "illada": 400}
 OPTIM = {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5}
 
 
