@@ -20,6 +20,11 @@ from illada.config import Config, StorageConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Ray starts its workers at nice 15 (to keep its own daemons responsive). On a busy machine
+# those workers then get almost no CPU and every Ray test crawls: give them a fair share.
+# (Set before any Ray starts; `ray start` in tests/ray_cluster.py inherits it.)
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-key-id",
     "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
