@@ -40,10 +40,24 @@ def _context():
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120) -> list[Any]:
-    """fn(rank, *args) in world_size processes; returns the results in rank order."""
+    """fn(rank, *args) in world_size processes; returns the results in rank order.
+
+    A one-rank job gets no torchrun environment, so it rendezvouses without a port. A
+    larger one picks a free port, which another process may take before rank 0 listens on
+    it: that one race is retried with a fresh port."""
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size, args, timeout)
+        except DistributedTestError as e:
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float) -> list[Any]:
     ctx = _context()
     results = ctx.Queue()
-    port = free_port()
+    port = free_port() if world_size > 1 else None
     # Plain pickle bytes both ways: torch's multiprocessing pickler would pass tensors as
     # shared-memory handles, which die with the child that made them.
     call = pickle.dumps((fn, args, dict(os.environ)))
@@ -59,18 +73,19 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             p.join(5)
 
 
-def _child(call: bytes, rank: int, world_size: int, port: int, results) -> None:
+def _child(call: bytes, rank: int, world_size: int, port: int | None, results) -> None:
     fn, args, environ = pickle.loads(call)
     os.environ.clear()
     os.environ.update(environ)
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    if port is not None:
+        os.environ.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
     import torch
 
     torch.set_num_threads(1)
