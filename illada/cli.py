@@ -319,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
 def _report(error: Exception, verbose: bool) -> int | None:
     """A mistake the user can fix: one line and exit 2 (the traceback with -v). A stage that
     failed: one line and exit 1. Anything else is a bug: None, and the caller re-raises."""
-    from illada.errors import user_error_in
+    from illada.errors import missing_extra, user_error_in
 
-    user = user_error_in(error) or (error if isinstance(error, FileNotFoundError) else None)
+    user = user_error_in(error) or missing_extra(error) or (error if isinstance(error, FileNotFoundError) else None)
     if user is None and not _is_pipeline_error(error):
         return None
     if verbose:

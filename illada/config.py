@@ -194,7 +194,7 @@ class TokenizerConfig(Strict):
 
 class TokenizeConfig(Strict):
     batch_size: int = Field(1024, gt=0, description="Documents per encode_batch call.")
-    num_workers: int | None = Field(None, gt=0, description="Tokenizer actors; None: one per CPU.")
+    num_workers: int | None = Field(None, gt=0, description="Tokenize tasks running at once; None: one per CPU.")
 
 
 class PackConfig(Strict):

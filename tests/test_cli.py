@@ -4,6 +4,7 @@ line of README.md and runbooks/ accepted as written."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -90,11 +91,23 @@ QUICKSTART = "configs/quickstart.yaml"  # 300 steps, warm-up 30, decay 100, glob
         (["pipeline", "run", QUICKSTART, "--stage", "nope"], ["unknown stage 'nope'"]),
         (["config", "show", QUICKSTART, "train.parallel.overlap_param_gather=true"], ["overlap_param_gather needs use_distributed_optimizer: true"]),
         (["plan", QUICKSTART, "--gpus", "2", "--gpu-memory", "lots"], ["--gpu-memory 'lots' is not a size"]),
-        (["train", QUICKSTART, "train.parallel.use_distributed_optimizer=true"], ["train.parallel.use_distributed_optimizer: needs a GPU"]),
+        pytest.param(
+            ["train", QUICKSTART, "train.parallel.use_distributed_optimizer=true"],
+            ["train.parallel.use_distributed_optimizer: needs a GPU"],
+            marks=pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the data-only install has no torch"),
+        ),
     ],
 )
 def test_config_mistakes_are_one_line(argv, fragments, tmp_path):
     assert_one_line_error(run_cli(*argv, "--root", str(tmp_path)), *fragments)
+
+
+def test_a_command_whose_extra_is_not_installed_names_the_extra(tmp_path):
+    """`illada train` on the data-only install (no torch): which extra to install, in one line."""
+    hide_torch = "import sys; sys.modules['torch'] = None; from illada.cli import main; sys.exit(main())"
+    argv = ["train", QUICKSTART, "--root", str(tmp_path)]
+    done = subprocess.run([sys.executable, "-c", hide_torch, *argv], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert_one_line_error(done, "needs torch, which is not installed: pip install 'illada[train]'")
 
 
 def test_an_unreachable_ray_dashboard_is_one_line_and_ray_address_is_honoured():

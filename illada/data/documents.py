@@ -70,10 +70,31 @@ class DocumentWriter:
             self._buffer = {name: [] for name in self.schema.names}
 
 
-def iter_batches(url: str, columns: list[str] | None = None, batch_size: int = 2048) -> Iterator[pa.RecordBatch]:
-    """Stream a Parquet file batch by batch; never the whole file in memory."""
+def iter_batches(
+    url: str, columns: list[str] | None = None, batch_size: int = 2048, rows: tuple[int, int] | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream a Parquet file batch by batch; never the whole file in memory. With `rows`
+    (start, stop), only those rows, reading only the row groups that hold them."""
     with storage.open_read(url) as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+        parquet = pq.ParquetFile(f)
+        if rows is None:
+            yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
+            return
+        start, stop = rows
+        groups, position, offset = [], None, 0
+        for g in range(parquet.metadata.num_row_groups):
+            n = parquet.metadata.row_group(g).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(g)
+                position = offset if position is None else position
+            offset += n
+        if not groups:
+            return
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=columns, row_groups=groups):
+            lo, hi = max(start - position, 0), min(stop - position, batch.num_rows)
+            if lo < hi:
+                yield batch.slice(lo, hi - lo)
+            position += batch.num_rows
 
 
 def read_table(url: str, columns: list[str] | None = None, filters=None) -> pa.Table:

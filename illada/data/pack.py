@@ -1,9 +1,9 @@
 """Stage 6, pack: token streams -> fixed-length sequences in Arrow shards, per source.
 
 Documents are concatenated, each followed by end-of-text, and cut every `seq_len` tokens;
-a document may run across sequences. Each tokens file is packed by its own task; the
-tokens left over at its end (fewer than seq_len) go to a remainder file, and a final task
-per source packs the remainders in order and pads the very last sequence. So only one
+a document may run across sequences. Each document file's tokens are packed by their own
+task; the tokens left over at its end (fewer than seq_len) go to a remainder file, and a
+final task per source packs the remainders in order and pads the very last sequence. So only one
 sequence per source is padded, and no token is dropped.
 
 A validation split is held out per source, by document: a document whose hash of (source,
@@ -81,24 +81,25 @@ class Packer:
         return np.concatenate([tokens, np.full(pad, pad_id, dtype=tokens.dtype)]), ends, ids, pad
 
 
-def _document_pieces(url: str, eot_id: int) -> Iterator[Piece]:
+def _document_pieces(urls: list[str], eot_id: int) -> Iterator[Piece]:
     eot = np.array([eot_id], dtype=np.int32)
-    for batch in iter_batches(url, columns=["id", "tokens"]):
-        tokens = batch.column("tokens")
-        offsets = tokens.offsets.to_numpy()
-        values = tokens.values.to_numpy(zero_copy_only=False)
-        for row, doc_id in enumerate(batch.column("id").to_pylist()):
-            yield doc_id, np.concatenate([values[offsets[row] : offsets[row + 1]], eot])
+    for url in urls:
+        for batch in iter_batches(url, columns=["id", "tokens"]):
+            tokens = batch.column("tokens")
+            offsets = tokens.offsets.to_numpy()
+            values = tokens.values.to_numpy(zero_copy_only=False)
+            for row, doc_id in enumerate(batch.column("id").to_pylist()):
+                yield doc_id, np.concatenate([values[offsets[row] : offsets[row + 1]], eot])
 
 
 def pack_task(spec: dict) -> dict:
-    """Pack one tokens file into training and validation shards; leave each split's
-    unfinished sequence in its remainder file."""
+    """Pack one document file's tokens (its parts in order) into training and validation
+    shards; leave each split's unfinished sequence in its remainder file."""
     cfg = PackConfig.model_validate(spec["pack"])
     packers = {split: Packer(cfg.seq_len) for split in SPLITS}
     writers = {split: ShardWriter(spec["shard_prefix"][split], cfg.seq_len, cfg.sequences_per_shard, cfg.zstd_level) for split in SPLITS}
     documents = dict.fromkeys(SPLITS, 0)
-    for doc_id, tokens in _document_pieces(spec["tokens_url"], spec["eot_id"]):
+    for doc_id, tokens in _document_pieces(spec["tokens_urls"], spec["eot_id"]):
         split = "validation" if is_validation(spec["source"], doc_id, cfg.validation_fraction) else "train"
         documents[split] += 1
         for sequence, ends, ids in packers[split].feed([(doc_id, tokens)]):
@@ -133,15 +134,19 @@ def tail_task(spec: dict) -> dict:
 def run_pack(ctx: StageContext) -> dict:
     cfg = ctx.config.data.pack
     special = ctx.inputs["tokenizer"]["stats"]["special_ids"]
-    token_files = ctx.input_files("tokenize", "tokens")
+    # A document file's tokens may come in parts (tokenize cuts files by the cluster's
+    # size); a task packs all of one file's parts, so the shards do not depend on the cut.
+    by_file: dict[int, list[dict]] = {}
+    for f in ctx.input_files("tokenize", "tokens"):
+        by_file.setdefault(f.get("document_file", f["path"]), []).append(f)
     specs = {}
-    for i, f in enumerate(token_files):
-        tid = f"{i:06d}"
+    for i, parts in enumerate(by_file.values()):
+        tid, source = f"{i:06d}", parts[0]["source"]
         specs[tid] = {
-            "tokens_url": ctx.absolute(f["path"]),
-            "source": f["source"],
-            "shard_prefix": {split: ctx.path(folder, f["source"], tid) for split, (folder, _) in SPLITS.items()},
-            "remainder_url": {split: ctx.path(f"_remainder_{split}", f["source"], f"{tid}.parquet") for split in SPLITS},
+            "tokens_urls": [ctx.absolute(f["path"]) for f in parts],
+            "source": source,
+            "shard_prefix": {split: ctx.path(folder, source, tid) for split, (folder, _) in SPLITS.items()},
+            "remainder_url": {split: ctx.path(f"_remainder_{split}", source, f"{tid}.parquet") for split in SPLITS},
             "eot_id": special["eot"],
             "pack": cfg.model_dump(mode="json"),
         }

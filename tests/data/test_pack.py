@@ -1,6 +1,9 @@
+import shutil
+
 import numpy as np
 import pytest
 
+from illada.config import load_config
 from illada.data.documents import read_table
 from illada.data.pack import Packer
 from illada.data.shards import read_sequences
@@ -56,6 +59,18 @@ def packed(tmp_path_factory, ray_local):
         ["data.pack.validation_fraction=0.25"],
     )
     return config, run_pipeline(config, STAGES)
+
+
+def test_the_shards_do_not_depend_on_how_tokenize_cut_the_document_files(packed, tmp_path):
+    """Tokenize cuts files into parts by the cluster's size; re-tokenizing the same run with
+    another cut must give the same shards, byte for byte."""
+    config, manifests = packed
+    other = tmp_path / "run"
+    shutil.copytree(config.root, other)
+    recut = load_config(None, [f"root={other}", "data.tokenize.num_workers=1"], base=config.model_dump(mode="json"))
+    again = run_pipeline(recut, STAGES, start="tokenize")
+    assert len(again["tokenize"]["files"]) != len(manifests["tokenize"]["files"])  # another cut
+    assert [(f["path"], f["sha256"]) for f in again["pack"]["files"]] == [(f["path"], f["sha256"]) for f in manifests["pack"]["files"]]
 
 
 def rows_of(root, files: list[dict]) -> list[dict]:
