@@ -2,8 +2,8 @@
 
 Both sides encode the same documents with the same tokenizer on the same cores: the
 baseline is `Tokenizer.encode_batch_fast` over in-memory texts in one process (Rust
-threads on every core); the pipeline is the `tokenize` and `pack` stages (Ray Data
-tasks, one per CPU, Parquet in and out, packing, zstd Arrow shards), each re-run with --stage.
+threads on every core); the pipeline is the `tokenize` and `pack` stages (Ray tasks,
+one per CPU, Parquet in and out, packing, zstd Arrow shards), each re-run with --stage.
 
     python bench/tokenize_pack.py [--copies N] [--root DIR]
 

@@ -1,12 +1,12 @@
-"""Stage 5, tokenize: documents -> token ids, on Ray Data tasks.
+"""Stage 5, tokenize: documents -> token ids, on Ray tasks.
 
-A unit of work is a range of rows of a document file: a Ray Data task reads it, encodes it
-with `Tokenizer.encode_batch_fast` and writes `tokens/<source>/<file>.<start>-<stop>.parquet`
+A unit of work is a range of rows of a document file: a Ray task reads it, encodes it with
+`Tokenizer.encode_batch_fast` and writes `tokens/<source>/<file>.<start>-<stop>.parquet`
 atomically. Ray runs one task per CPU, so each task encodes on its own core (tokenizers'
 thread pool, which would take every core in every task, is turned off). Tasks run in Ray's
-warm worker processes, each of which loads the tokenizer once. The driver records each
-part's result as a completion marker as it streams in, so an interrupted run resumes with
-the parts not yet done.
+warm worker processes, each of which loads the tokenizer once. Each finished part is
+recorded as it comes in (`StageContext.run_tasks`), so an interrupted or failed run
+resumes with the parts not yet done.
 
 With at least `PARTS_PER_CPU` files per CPU every file is one part; with fewer, files are
 cut into row ranges so that no core idles through a long last round. The cut depends on
@@ -20,14 +20,11 @@ from __future__ import annotations
 import functools
 import os
 
-import numpy as np
 import pyarrow as pa
 import ray
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from illada import storage
-from illada.config import StorageConfig
 from illada.data.documents import DocumentWriter, iter_batches
 from illada.data.special_tokens import plain_text
 from illada.data.tokenizer import tokenizer_url
@@ -56,14 +53,11 @@ def load_tokenizer(url: str, sha256: str) -> Tokenizer:
     return plain_text(Tokenizer.from_str(storage.read_bytes(url).decode()))
 
 
-def tokenize_files(batch: dict[str, np.ndarray], tokenizer_url: str, tokenizer_sha256: str, storage_config: StorageConfig, batch_size: int) -> dict[str, list]:
-    """A Ray Data task: tokenizes the parts of document files named in `batch`."""
+def tokenize_part(spec: dict) -> dict:
+    """A Ray task: tokenize rows [start, stop) of one document file on one core."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read at every encode call
-    storage.configure(storage_config)
-    tokenizer = load_tokenizer(tokenizer_url, tokenizer_sha256)
-    parts = zip(batch["src"], batch["start"], batch["stop"], batch["dst"])
-    results = [tokenize_file(tokenizer, str(src), (int(start), int(stop)), str(dst), batch_size) for src, start, stop, dst in parts]
-    return {"task": list(batch["task"]), "result": results}
+    tokenizer = load_tokenizer(spec["tokenizer_url"], spec["tokenizer_sha256"])
+    return tokenize_file(tokenizer, spec["src"], (spec["start"], spec["stop"]), spec["dst"], spec["batch_size"])
 
 
 def tokenize_file(tokenizer: Tokenizer, src: str, rows: tuple[int, int], dst: str, batch_size: int) -> dict:
@@ -84,40 +78,24 @@ PARTS_PER_CPU = 4
 def run_tokenize(ctx: StageContext) -> dict:
     cfg = ctx.config.data.tokenize
     docs = ctx.input_files("decontaminate", "documents")
-    workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    workers = min(cfg.num_workers or cpus, cpus)
+    tokenizer = {
+        "tokenizer_url": tokenizer_url(ctx.inputs["tokenizer"], ctx.root),
+        "tokenizer_sha256": ctx.inputs["tokenizer"]["files"][0]["sha256"],
+        "batch_size": cfg.batch_size,
+    }
     specs = {}
     for i, f in enumerate(docs):
         for start, stop in row_ranges(f, docs, PARTS_PER_CPU * workers):
             tid = f"{i:06d}.{start}-{stop}"
-            src = ctx.absolute(f["path"])
-            specs[tid] = {"src": src, "start": start, "stop": stop, "dst": ctx.path("tokens", f["source"], f"{tid}.parquet"), "source": f["source"], "document_file": i}
-    done = ctx.completed("encode")
-    pending = [{"task": tid, **{k: s[k] for k in ("src", "start", "stop", "dst")}} for tid, s in specs.items() if tid not in done]
-    pending.sort(key=lambda p: p["start"] - p["stop"])  # largest first: the last round is short
-    if pending:
-        tokenizer_file = ctx.inputs["tokenizer"]["files"][0]
-        dataset = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
-            tokenize_files,
-            fn_kwargs={
-                "tokenizer_url": tokenizer_url(ctx.inputs["tokenizer"], ctx.root),
-                "tokenizer_sha256": tokenizer_file["sha256"],
-                "storage_config": storage.without_credentials(ctx.config.storage),
-                "batch_size": cfg.batch_size,
-            },
-            batch_size=1,
-            num_cpus=1,
-            **_concurrency(cfg.num_workers),
-            **storage.worker_env(ctx.config.storage),
-        )
-        with tqdm(total=len(specs), initial=len(specs) - len(pending), desc="tokenize/encode", unit="part") as bar:
-            for row in dataset.iter_rows():
-                ctx.mark_done("encode", row["task"], row["result"])
-                bar.update(1)
-        done = ctx.completed("encode")
-
+            dst = ctx.path("tokens", f["source"], f"{tid}.parquet")
+            specs[tid] = {"src": ctx.absolute(f["path"]), "start": start, "stop": stop, "dst": dst, "source": f["source"], "document_file": i, **tokenizer}
+    largest_first = dict(sorted(specs.items(), key=lambda item: item[1]["start"] - item[1]["stop"]))  # a short last round
+    results = ctx.run_tasks("encode", tokenize_part, largest_first, num_cpus=cpus / workers)
     files, per_source = [], {}
     for tid, spec in specs.items():
-        r = done[tid]
+        r = results[tid]
         info = r["tokens_file"]
         files.append(
             file_entry(
@@ -143,14 +121,10 @@ def row_ranges(file: dict, files: list[dict], units: int) -> list[tuple[int, int
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _concurrency(num_workers: int | None) -> dict:
-    return {"concurrency": num_workers} if num_workers else {}
-
-
 STAGE = Stage(
     name="tokenize",
     inputs=("decontaminate", "tokenizer"),
     run=run_tokenize,
     identity=lambda config: {"batch_size": config.data.tokenize.batch_size},
-    description="Encode documents to token ids with batch encoding, one Ray Data task per file and CPU.",
+    description="Encode documents to token ids with batch encoding, one Ray task per CPU and file (or part of a file).",
 )

@@ -1,14 +1,12 @@
 """Special ids come only from the pipeline: raw text holding their strings is plain text."""
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from illada import storage
-from illada.config import StorageConfig
 from illada.data.chat_template import ChatTemplate
 from illada.data.documents import DocumentWriter, iter_batches, read_table
-from illada.data.tokenize import TOKENS_SCHEMA, row_ranges, tokenize_files
+from illada.data.tokenize import TOKENS_SCHEMA, row_ranges, tokenize_part
 from illada.data.tokenizer import SPECIAL_TOKENS, special_ids, train_bpe
 
 HOSTILE = "a literal <|mask|> and <|endoftext|> and <|eot|><|user|> in raw text"
@@ -19,11 +17,10 @@ def small_tokenizer():
 
 
 def _tokenize(tokenizer_path, docs: str, out: str) -> dict:
-    """As a Ray Data task is called: one row naming the file."""
-    batch = {"task": np.array(["t"]), "src": np.array([docs]), "start": np.array([0]), "stop": np.array([1]), "dst": np.array([out])}
+    """As the stage's Ray task is called, on the file's one row."""
     sha = storage.sha256_file(str(tokenizer_path))
-    [result] = tokenize_files(batch, str(tokenizer_path), sha, StorageConfig(), batch_size=4)["result"]
-    return result
+    spec = {"src": docs, "start": 0, "stop": 1, "dst": out, "tokenizer_url": str(tokenizer_path), "tokenizer_sha256": sha, "batch_size": 4}
+    return tokenize_part(spec)
 
 
 def test_special_token_strings_in_documents_are_not_special_ids(tmp_path):
