@@ -16,7 +16,7 @@ is too common to judge by and is skipped (counted in the manifest).
 
 The manifest counts, per benchmark, the documents and words contaminated; a document
 matching two benchmarks counts for both. Words, not tokens: the tokenizer is trained
-after this stage, on what it keeps.
+after this stage, on what it keeps; the tokenize stage counts the same documents' tokens.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ cut into row ranges so that no core idles through a long last round. The cut dep
 the cluster's size, so parts name their rows (a resume on another cluster redoes what no
 longer matches), and the pack stage reads a file's parts as one stream: its output does
 not depend on the cut.
+
+The stage also counts, per benchmark, the tokens of the documents the decontaminate stage
+took out (or flagged): that stage runs before the tokenizer exists and counts words.
 """
 
 from __future__ import annotations
@@ -72,6 +75,20 @@ def tokenize_file(tokenizer: Tokenizer, src: str, rows: tuple[int, int], dst: st
     return {"documents": documents, "tokens": tokens, "tokens_file": writer.info}
 
 
+def count_contaminated_tokens(spec: dict) -> dict:
+    """A Ray task: the tokens, per benchmark, of the documents in one of the decontaminate
+    stage's `contaminated` files (a document matching two benchmarks counts for both)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = load_tokenizer(spec["tokenizer_url"], spec["tokenizer_sha256"])
+    counts: dict[str, int] = {}
+    for batch in iter_batches(spec["src"], columns=["text", "benchmarks"], batch_size=spec["batch_size"]):
+        lengths = encode(tokenizer, batch.column("text").to_pylist()).value_lengths().to_pylist()
+        for n, benchmarks in zip(lengths, batch.column("benchmarks").to_pylist()):
+            for name in benchmarks:
+                counts[name] = counts.get(name, 0) + n
+    return counts
+
+
 PARTS_PER_CPU = 4
 
 
@@ -106,7 +123,20 @@ def run_tokenize(ctx: StageContext) -> dict:
         s = per_source.setdefault(spec["source"], {"documents": 0, "tokens": 0})
         s["documents"] += r["documents"]
         s["tokens"] += r["tokens"]
-    return {"files": files, "stats": {"sources": per_source, "tokens": sum(s["tokens"] for s in per_source.values())}}
+    stats = {"sources": per_source, "tokens": sum(s["tokens"] for s in per_source.values())}
+    return {"files": files, "stats": stats | {"contaminated_tokens": _contaminated_tokens(ctx, tokenizer)}}
+
+
+def _contaminated_tokens(ctx: StageContext, tokenizer: dict) -> dict[str, int]:
+    """Per benchmark, the tokens of what decontamination took out (or flagged): it ran
+    before there was a tokenizer, so it could count only words."""
+    side = [f for f in ctx.input_files("decontaminate", "contaminated") if f.get("rows")]
+    specs = {f"{i:06d}": {"src": ctx.absolute(f["path"]), **tokenizer} for i, f in enumerate(side)}
+    totals: dict[str, int] = {}
+    for counts in ctx.run_tasks("count_contaminated", count_contaminated_tokens, specs).values():
+        for name, n in counts.items():
+            totals[name] = totals.get(name, 0) + n
+    return dict(sorted(totals.items()))
 
 
 def row_ranges(file: dict, files: list[dict], units: int) -> list[tuple[int, int]]:

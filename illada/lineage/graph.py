@@ -221,6 +221,8 @@ def summary(stats: dict) -> dict:
     if "benchmarks" in stats:  # decontaminate: what each evaluation set took out
         verb = "flagged" if stats.get("action") == "flag" else "removed"
         out[f"{verb} per benchmark"] = {name: f"{b['documents']} docs / {b['words']} words" for name, b in stats["benchmarks"].items()}
+    if stats.get("contaminated_tokens"):  # tokenize: the same documents in tokens
+        out["tokens of decontaminated documents per benchmark"] = stats["contaminated_tokens"]
     return out
 
 

@@ -36,7 +36,7 @@ class MixReport:
     step: int | None
     rows: list[MixRow] = field(default_factory=list)
     inherited_from: list[str] = field(default_factory=list)
-    decontamination: dict = field(default_factory=dict)  # {action, ngram, benchmarks: {name: {documents, words}}}
+    decontamination: dict = field(default_factory=dict)  # {action, ngram, benchmarks: {name: {documents, words, tokens}}}
 
     @property
     def tokens(self) -> int:
@@ -70,8 +70,9 @@ def mix_report(lineage: Lineage) -> MixReport:
 
 def _decontamination(lineage: Lineage) -> dict:
     """The decontaminate stage of the data this checkpoint trained on (not through other
-    checkpoints): its action and per-benchmark counts, as its manifest recorded them."""
-    seen, todo = {lineage.root}, [lineage.root]
+    checkpoints): its action and per-benchmark counts as its manifest recorded them, with
+    the tokens of those documents that the tokenize stage counted."""
+    seen, todo, tokens = {lineage.root}, [lineage.root], None
     while todo:
         for edge in lineage.parents(todo.pop()):
             node = lineage.nodes[edge.parent]
@@ -80,8 +81,13 @@ def _decontamination(lineage: Lineage) -> dict:
             seen.add(edge.parent)
             todo.append(edge.parent)
             stats = node.detail.get("stats") or {}
+            if node.kind == "stage" and node.label == "tokenize":
+                tokens = stats.get("contaminated_tokens")  # None from a run before it was counted
             if node.kind == "stage" and node.label == "decontaminate" and "benchmarks" in stats:
-                return {"action": stats.get("action"), "ngram": stats.get("ngram"), "benchmarks": stats["benchmarks"]}
+                benchmarks = stats["benchmarks"]
+                if tokens is not None:
+                    benchmarks = {name: b | {"tokens": tokens.get(name, 0)} for name, b in benchmarks.items()}
+                return {"action": stats.get("action"), "ngram": stats.get("ngram"), "benchmarks": benchmarks}
     return {}
 
 
@@ -149,9 +155,10 @@ def table(report: MixReport) -> str:
         d = report.decontamination
         verb = "flagged" if d["action"] == "flag" else "removed"
         lines += ["", f"{verb} by decontamination ({d['ngram']}-word n-grams shared with evaluation sets), before tokenization:"]
-        lines.append(f"{'benchmark':<20}{'documents':>12}{'words':>14}")
+        lines.append(f"{'benchmark':<20}{'documents':>12}{'words':>14}{'tokens':>14}")
         for name, b in d["benchmarks"].items():
-            lines.append(f"{name:<20}{b['documents']:>12,}{b['words']:>14,}")
+            tokens = f"{b['tokens']:,}" if "tokens" in b else "-"
+            lines.append(f"{name:<20}{b['documents']:>12,}{b['words']:>14,}{tokens:>14}")
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from tokenizers import Tokenizer
 
 from illada.config import ConfigError
 from illada.data.documents import read_table
@@ -80,9 +81,12 @@ def test_contaminated_documents_are_removed_with_their_reason(tmp_path, ray_loca
     assert stats["benchmarks"]["toy_text"]["words"] == word_count(docs["leaked-project"])
     assert stats["benchmarks"]["toy_mc"]["documents"] == 0 and stats["benchmarks"]["toy_mc"]["texts"] > 0
 
-    # the next stages read only what was kept
-    after = run_pipeline(cfg, STAGES[: [s.name for s in STAGES].index("tokenizer") + 1])
+    # the next stages read only what was kept; tokenize counts the removed ones' tokens
+    after = run_pipeline(cfg, STAGES[: [s.name for s in STAGES].index("tokenize") + 1])
     assert after["tokenizer"]["inputs"] == {"decontaminate": manifest["digest"]}
+    tokenizer = Tokenizer.from_file(f"{cfg.root}/tokenizer/tokenizer.json")
+    tokens = {k: len(tokenizer.encode(docs[k], add_special_tokens=False).ids) for k in ("leaked-user", "leaked-project")}
+    assert after["tokenize"]["stats"]["contaminated_tokens"] == {"toy_text": tokens["leaked-project"], "trivia": tokens["leaked-user"]}
 
 
 def test_flag_keeps_the_documents_and_marks_them(tmp_path, ray_local):

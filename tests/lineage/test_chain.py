@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
+from tokenizers import Tokenizer
 
 from illada.cli import main
 from illada.config import load_config
@@ -124,6 +125,9 @@ def test_show_lists_every_link_back_to_the_raw_data(chain, capsys):
     planted = planted_docs()
     assert len(planted) == 2
     assert node(lineage, "stage", "decontaminate").facts["removed per benchmark"]["planted"] == f"2 docs / {sum(len(t.split()) for t in planted)} words"
+    tokenizer = Tokenizer.from_file(str(chain.data / "tokenizer" / "tokenizer.json"))
+    planted_tokens = sum(len(tokenizer.encode(t, add_special_tokens=False).ids) for t in planted)
+    assert node(lineage, "stage", "tokenize").facts["tokens of decontaminated documents per benchmark"] == {"planted": planted_tokens}
     raws = linked(lineage, node(lineage, "stage", "ingest"), "read")
     assert sorted(r.label for r in raws) == ["raw alpha", "raw beta"]
     assert node(lineage, "raw", "raw beta").facts["paths"] == [str(chain.tmp / "raw" / "beta.jsonl.zst")]
@@ -187,7 +191,10 @@ def test_mix_adds_up_to_the_tokens_consumed(chain, capsys):
     assert {n: r.inherited for n, r in by_source.items()} == replay(chain.data, 3)  # A's 3, resume included
     assert report.inherited_from == [step(chain.A, 3)]
     planted = planted_docs()
-    assert report.decontamination["benchmarks"]["planted"] | {"texts": 0} == {"documents": 2, "words": sum(len(t.split()) for t in planted), "texts": 0, "too_short": 0}
+    tokenizer = Tokenizer.from_file(str(chain.data / "tokenizer" / "tokenizer.json"))
+    planted_tokens = sum(len(tokenizer.encode(t, add_special_tokens=False).ids) for t in planted)
+    expected = {"documents": 2, "words": sum(len(t.split()) for t in planted), "tokens": planted_tokens, "texts": 0, "too_short": 0}
+    assert report.decontamination["benchmarks"]["planted"] | {"texts": 0} == expected
     assert sum(r.share for r in report.rows) == pytest.approx(1.0)
     assert {n: r.target for n, r in by_source.items()} == {"alpha": 0.5, "beta": 0.5}
 
