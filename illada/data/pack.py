@@ -3,8 +3,8 @@
 Documents are concatenated, each followed by end-of-text, and cut every `seq_len` tokens;
 a document may run across sequences. Each document file's tokens are packed by their own
 task; the tokens left over at its end (fewer than seq_len) go to a remainder file, and a
-final task per source packs the remainders in order and pads the very last sequence. So only one
-sequence per source is padded, and no token is dropped.
+final task per source packs the remainders in order and pads the very last sequence. So
+only one sequence per source is padded, and no token is dropped.
 
 A validation split is held out per source, by document: a document whose hash of (source,
 id) falls in the lowest `validation_fraction` of the hash range is packed, whole, into the

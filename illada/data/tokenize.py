@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 
 import pyarrow as pa
 import ray
@@ -56,11 +57,15 @@ def load_tokenizer(url: str, sha256: str) -> Tokenizer:
     return plain_text(Tokenizer.from_str(storage.read_bytes(url).decode()))
 
 
+def task_tokenizer(spec: dict) -> Tokenizer:
+    """The tokenizer a task's spec names, encoding on the task's one core only."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read at every encode call
+    return load_tokenizer(spec["tokenizer_url"], spec["tokenizer_sha256"])
+
+
 def tokenize_part(spec: dict) -> dict:
     """A Ray task: tokenize rows [start, stop) of one document file on one core."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read at every encode call
-    tokenizer = load_tokenizer(spec["tokenizer_url"], spec["tokenizer_sha256"])
-    return tokenize_file(tokenizer, spec["src"], (spec["start"], spec["stop"]), spec["dst"], spec["batch_size"])
+    return tokenize_file(task_tokenizer(spec), spec["src"], (spec["start"], spec["stop"]), spec["dst"], spec["batch_size"])
 
 
 def tokenize_file(tokenizer: Tokenizer, src: str, rows: tuple[int, int], dst: str, batch_size: int) -> dict:
@@ -78,15 +83,13 @@ def tokenize_file(tokenizer: Tokenizer, src: str, rows: tuple[int, int], dst: st
 def count_contaminated_tokens(spec: dict) -> dict:
     """A Ray task: the tokens, per benchmark, of the documents in one of the decontaminate
     stage's `contaminated` files (a document matching two benchmarks counts for both)."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tokenizer = load_tokenizer(spec["tokenizer_url"], spec["tokenizer_sha256"])
-    counts: dict[str, int] = {}
+    tokenizer = task_tokenizer(spec)
+    counts = Counter()
     for batch in iter_batches(spec["src"], columns=["text", "benchmarks"], batch_size=spec["batch_size"]):
         lengths = encode(tokenizer, batch.column("text").to_pylist()).value_lengths().to_pylist()
         for n, benchmarks in zip(lengths, batch.column("benchmarks").to_pylist()):
-            for name in benchmarks:
-                counts[name] = counts.get(name, 0) + n
-    return counts
+            counts.update(dict.fromkeys(benchmarks, n))
+    return dict(counts)
 
 
 PARTS_PER_CPU = 4
@@ -132,10 +135,7 @@ def _contaminated_tokens(ctx: StageContext, tokenizer: dict) -> dict[str, int]:
     before there was a tokenizer, so it could count only words."""
     side = [f for f in ctx.input_files("decontaminate", "contaminated") if f.get("rows")]
     specs = {f"{i:06d}": {"src": ctx.absolute(f["path"]), **tokenizer} for i, f in enumerate(side)}
-    totals: dict[str, int] = {}
-    for counts in ctx.run_tasks("count_contaminated", count_contaminated_tokens, specs).values():
-        for name, n in counts.items():
-            totals[name] = totals.get(name, 0) + n
+    totals = sum((Counter(c) for c in ctx.run_tasks("count_contaminated", count_contaminated_tokens, specs).values()), Counter())
     return dict(sorted(totals.items()))
 
 

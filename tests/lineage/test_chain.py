@@ -37,6 +37,12 @@ def planted_docs() -> list[str]:
     return [d["text"] for source in ("alpha", "beta") for d in tiny_docs(source, 6) if PLANTED in d["text"]]
 
 
+def planted_tokens(data: Path) -> int:
+    """The planted documents' tokens, encoded with the data run's tokenizer by `tokenizers` itself."""
+    tokenizer = Tokenizer.from_file(str(data / "tokenizer" / "tokenizer.json"))
+    return sum(len(tokenizer.encode(t, add_special_tokens=False).ids) for t in planted_docs())
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, ray_local):
     patch = pytest.MonkeyPatch()
@@ -125,9 +131,7 @@ def test_show_lists_every_link_back_to_the_raw_data(chain, capsys):
     planted = planted_docs()
     assert len(planted) == 2
     assert node(lineage, "stage", "decontaminate").facts["removed per benchmark"]["planted"] == f"2 docs / {sum(len(t.split()) for t in planted)} words"
-    tokenizer = Tokenizer.from_file(str(chain.data / "tokenizer" / "tokenizer.json"))
-    planted_tokens = sum(len(tokenizer.encode(t, add_special_tokens=False).ids) for t in planted)
-    assert node(lineage, "stage", "tokenize").facts["tokens of decontaminated documents per benchmark"] == {"planted": planted_tokens}
+    assert node(lineage, "stage", "tokenize").facts["tokens of decontaminated documents per benchmark"] == {"planted": planted_tokens(chain.data)}
     raws = linked(lineage, node(lineage, "stage", "ingest"), "read")
     assert sorted(r.label for r in raws) == ["raw alpha", "raw beta"]
     assert node(lineage, "raw", "raw beta").facts["paths"] == [str(chain.tmp / "raw" / "beta.jsonl.zst")]
@@ -191,9 +195,7 @@ def test_mix_adds_up_to_the_tokens_consumed(chain, capsys):
     assert {n: r.inherited for n, r in by_source.items()} == replay(chain.data, 3)  # A's 3, resume included
     assert report.inherited_from == [step(chain.A, 3)]
     planted = planted_docs()
-    tokenizer = Tokenizer.from_file(str(chain.data / "tokenizer" / "tokenizer.json"))
-    planted_tokens = sum(len(tokenizer.encode(t, add_special_tokens=False).ids) for t in planted)
-    expected = {"documents": 2, "words": sum(len(t.split()) for t in planted), "tokens": planted_tokens, "texts": 0, "too_short": 0}
+    expected = {"documents": 2, "words": sum(len(t.split()) for t in planted), "tokens": planted_tokens(chain.data), "texts": 0, "too_short": 0}
     assert report.decontamination["benchmarks"]["planted"] | {"texts": 0} == expected
     assert sum(r.share for r in report.rows) == pytest.approx(1.0)
     assert {n: r.target for n, r in by_source.items()} == {"alpha": 0.5, "beta": 0.5}
