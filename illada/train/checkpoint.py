@@ -39,6 +39,7 @@ import glob
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import time
 from dataclasses import asdict
@@ -47,6 +48,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 from illada import layout, storage
 from illada.checkpoint_files import DamagedCheckpoint, check_files
@@ -170,10 +172,7 @@ class Checkpointer:
             "data": data.state_dict(),
             "train_state": asdict(state),
         }
-        strategy = FullyParallelSaveStrategyWrapper(
-            get_default_save_sharded_strategy("torch_dist"), parallel_state.get_data_parallel_group()
-        )
-        dist_checkpointing.save(sharded, path, sharded_strategy=strategy)
+        save_sharded(sharded, path)
         if self.rank0 and self.tokenizer:
             storage.write_bytes(os.path.join(path, CHECKPOINT_TOKENIZER), self.tokenizer[0].encode())
         files = self._checksums(path)
@@ -233,6 +232,25 @@ class Checkpointer:
 
 
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size", "tie_word_embeddings")
+
+
+def save_sharded(sharded: dict, path: str) -> None:
+    """dist_checkpointing.save in torch_dist format, the DP ranks sharing the writing."""
+    _write_results_in_this_process()
+    strategy = FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy("torch_dist"), parallel_state.get_data_parallel_group()
+    )
+    dist_checkpointing.save(sharded, path, sharded_strategy=strategy)
+
+
+def _write_results_in_this_process() -> None:
+    """megatron's torch_dist writer hands its write results back through a queue served by
+    a Manager process that it spawns on the first save: made for asynchronous saves, whose
+    results are read in another process. Ours are synchronous (read by the process that
+    wrote them), so a plain queue does. Inside a Ray worker that Manager process was seen
+    to die, failing a save with EOFError."""
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
 
 
 def check_same_shape(model: dict, saved: dict, path: str) -> None:

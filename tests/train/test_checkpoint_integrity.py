@@ -177,3 +177,20 @@ def test_a_nan_loss_fails_the_mlflow_run_and_sigterm_kills_it(tmp_path, train_da
     stopped = write_config(tmp_path / "term", train_data_root, steps=4)
     assert run_distributed(_train_until, 1, stopped, 1, timeout=300) == ["Terminated"]
     assert run_status(stopped) == "KILLED"
+
+
+def test_saves_leave_no_helper_process_behind(tmp_path, train_data_root):
+    """megatron's checkpoint writer used to hand its results back through a Manager server
+    process spawned on the first save; inside a Ray worker that process died once, failing
+    a save with EOFError. A synchronous save needs no such process."""
+    root = tmp_path / "run"
+    [children] = run_distributed(_train_and_list_children, 1, write_config(root, train_data_root), str(tmp_path / "log"), timeout=300)
+    assert (steps(root) / "step_00000002" / "illada.json").exists()
+    assert children == []
+
+
+def _train_and_list_children(rank: int, config: str, log: str) -> list[str]:
+    import multiprocessing
+
+    assert _cli_child(rank, ["train", config], log) == 0, Path(log).read_text()[-4000:]
+    return [child.name for child in multiprocessing.active_children()]
