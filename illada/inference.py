@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer
 
-from illada import storage
+from illada import layout, storage
 from illada.layout import CheckpointInfo
 from illada.model.config import ModelConfig
 from illada.sampling.model import SpecialTokens
@@ -101,11 +101,11 @@ def load_tokenizer(data_root: str) -> tuple[Tokenizer, SpecialTokens]:
 
 
 def load_tokenizer_ids(data_root: str) -> tuple[Tokenizer, dict[str, int]]:
-    manifest_url = storage.join(data_root, "tokenizer", "manifest.json")
+    manifest_url = layout.manifest_url(data_root, "tokenizer")
     if not storage.exists(manifest_url):
         raise FileNotFoundError(f"no tokenizer manifest at {manifest_url}: the checkpoint's data_root must hold a completed data-pipeline run")
     manifest = storage.read_json(manifest_url)
     tokenizer = Tokenizer.from_str(storage.read_bytes(storage.join(data_root, manifest["files"][0]["path"])).decode())
-    pack_url = storage.join(data_root, "pack", "manifest.json")
+    pack_url = layout.manifest_url(data_root, "pack")
     ids = storage.read_json(pack_url)["stats"]["special_ids"] if storage.exists(pack_url) else manifest["stats"]["special_ids"]
     return tokenizer, ids

@@ -63,7 +63,7 @@ def test_an_override_after_an_option_reaches_the_config(capsys):
 # --- a light start ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["pipeline", "status", "--help"], ["config", "show", "configs/train/1b.yaml"], ["generate", "--help"], ["chat", "--help"], ["export", "hf", "--help"], ["plan", "--help"], ["plan", "configs/train/8b.yaml", "--gpus", "8"]])
+@pytest.mark.parametrize("argv", [["--help"], ["pipeline", "status", "--help"], ["config", "show", "configs/train/1b.yaml"], ["generate", "--help"], ["chat", "--help"], ["import", "hf", "--help"], ["export", "hf", "--help"], ["plan", "--help"], ["plan", "configs/train/8b.yaml", "--gpus", "8"]])
 def test_parsing_and_help_import_nothing_heavy(argv):
     probe = (
         "import sys\nfrom illada.cli import main\n"

@@ -93,8 +93,10 @@ def expand_paths(source: SourceConfig) -> list[str]:
         if any(ch in pattern for ch in "*?["):
             files += storage.glob(pattern)
         elif storage.exists(pattern):
-            listed = storage.list_files(pattern)
-            files += listed if listed else [pattern]
+            listed = storage.list_files(pattern)  # a file lists as itself
+            if not listed:
+                raise FileNotFoundError(f"source {source.name!r}: the directory {pattern!r} holds no files; check data.sources paths")
+            files += listed
         else:
             raise FileNotFoundError(f"source {source.name!r}: nothing at {pattern!r}; check data.sources paths")
     files = sorted(set(files))

@@ -22,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from illada import storage
 from illada.config import ConfigError, PackConfig
 from illada.data.documents import DocumentWriter, iter_batches, read_table
 from illada.data.shards import ShardWriter

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from illada import storage
-from illada.config import Config, ConfigError
+from illada.config import ConfigError
 from illada.data.documents import iter_batches
 from illada.data.special_tokens import SPECIAL_TOKENS, special_ids
 from illada.layout import checkpoint_info, is_complete_checkpoint

@@ -79,12 +79,13 @@ REQUIRED_VALUES = {
 
 # What export writes besides the shape: LLaDA's released config with its constant keys.
 # auto_map points at the public repository's code (trust_remote_code loads it from there).
+LLADA_CODE_REPO = "GSAI-ML/LLaDA-8B-Base"
 CONFIG_TEMPLATE = {
     "architectures": [ARCHITECTURE],
     "auto_map": {
-        "AutoConfig": "GSAI-ML/LLaDA-8B-Base--configuration_llada.LLaDAConfig",
-        "AutoModel": "GSAI-ML/LLaDA-8B-Base--modeling_llada.LLaDAModelLM",
-        "AutoModelForCausalLM": "GSAI-ML/LLaDA-8B-Base--modeling_llada.LLaDAModelLM",
+        "AutoConfig": f"{LLADA_CODE_REPO}--configuration_llada.LLaDAConfig",
+        "AutoModel": f"{LLADA_CODE_REPO}--modeling_llada.LLaDAModelLM",
+        "AutoModelForCausalLM": f"{LLADA_CODE_REPO}--modeling_llada.LLaDAModelLM",
     },
     "model_type": "llada",
     "activation_type": "silu",
@@ -155,7 +156,14 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int], dtype: torch.dtype,
     out["eos_token_id"] = special_ids["eot"]
     out["pad_token_id"] = special_ids["pad"]
     out["torch_dtype"] = TORCH_DTYPE_NAMES[dtype]
+    out["auto_map"] = public_code(out.get("auto_map") or CONFIG_TEMPLATE["auto_map"])
     return out
+
+
+def public_code(auto_map: dict[str, str]) -> dict[str, str]:
+    """auto_map with each local reference (`modeling_llada.LLaDAModelLM`: code shipped beside
+    a released config.json, which import does not copy) pointed at LLaDA's public code."""
+    return {key: ref if "--" in ref else f"{LLADA_CODE_REPO}--{ref}" for key, ref in auto_map.items()}
 
 
 # --- weights -----------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from tokenizers import Tokenizer
 from illada import storage
 from illada.config import ConfigError
 from illada.hf import convert
-from illada.model.config import ModelConfig
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -21,12 +21,11 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from illada import storage
+from illada import layout, storage
 from illada.lineage.record import (
     CHECKPOINT_URI,
     FULL_DIGEST,
@@ -275,7 +274,7 @@ class Builder:
             uri, client, model = record
             self.lineage.link(node_id, self.training_run(uri, client, model.source_run_id), "trained by")
         elif info.get("data_root"):  # no MLflow record: the data it names, as it is now
-            pack_url = storage.join(info["data_root"], "pack", "manifest.json")
+            pack_url = layout.manifest_url(info["data_root"], "pack")
             manifest = read_json_if_exists(pack_url)
             if manifest:
                 self.lineage.link(node_id, self.stage(pack_url, manifest["digest"], "pack"), "trained on")
@@ -375,7 +374,7 @@ class Builder:
             return [(d["name"], d["source"], d["full_digest"]) for d in datasets_of(record[2]) if d["context"] == INPUT]
         if manifest:
             root = manifest_url.rsplit("/", 2)[0]
-            return [(n, storage.join(root, n, "manifest.json"), d) for n, d in manifest.get("inputs", {}).items()]
+            return [(n, layout.manifest_url(root, n), d) for n, d in manifest.get("inputs", {}).items()]
         return []
 
     def _raw_sources(self, ingest_id: str, manifest_url: str, manifest: dict | None, record) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from illada import storage
+from illada import layout
 from illada.config import Config
 from illada.lineage.record import (
     INPUT,
@@ -36,7 +36,7 @@ PIPELINE_SECTIONS = ("name", "root", "ray", "storage", "data")
 
 
 def manifest_url(config: Config, stage: str) -> str:
-    return storage.join(config.root, stage, "manifest.json")
+    return layout.manifest_url(config.root, stage)
 
 
 def stage_metrics(manifest: dict) -> dict[str, float]:

@@ -14,7 +14,7 @@ import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from illada import storage
+from illada import layout, storage
 from illada.config import Config
 from illada.lineage.record import (
     CHECKPOINT_DIGEST,
@@ -70,7 +70,7 @@ class TrainingRecorder:
         self.redact = Redactor(config)
         self.version = code_version()
         self.client = MlflowClient()
-        self.manifest_url = storage.join(config.train.data_root, "pack", "manifest.json")
+        self.manifest_url = layout.manifest_url(config.train.data_root, "pack")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="illada-lineage")
         self._pending: list[tuple[str, Future]] = []
 

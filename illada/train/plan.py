@@ -374,7 +374,7 @@ def cmd_plan(args) -> int:
 
     overrides = list(args.overrides) + ([f"root={args.root}"] if args.root else [])
     config = load_config(args.config, overrides).require("model", "train")
-    train, model = config.train, config.model
+    model = config.model
     if args.gpus < 1:
         raise ConfigError("--gpus must be at least 1")
     gpu_bytes = parse_size(args.gpu_memory)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import ray
 
-from illada import storage
+from illada import layout, storage
 from illada.config import Config, TrainConfig
 from illada.errors import UserError
 
@@ -108,7 +108,7 @@ def check_data(config: Config) -> dict:
     """The pack manifest exists, every shard it lists is there, the mix names sources it has
     and the model fits the data. Returns the manifest."""
     train = config.train
-    url = storage.join(train.data_root, "pack", "manifest.json")
+    url = layout.manifest_url(train.data_root, "pack")
     if not storage.exists(url):
         raise LaunchError(f"no pack manifest at {url}; run the data pipeline first (illada submit pipeline ...) or fix train.data_root")
     manifest = storage.read_json(url)
@@ -178,7 +178,7 @@ def _probe(probe: str, manifest_url: str, storage_config) -> str | None:
 def _probe_nodes(nodes: list[dict], probe: str, config: Config) -> list[str]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    manifest_url = storage.join(config.train.data_root, "pack", "manifest.json")
+    manifest_url = layout.manifest_url(config.train.data_root, "pack")
     refs = {
         n["NodeManagerAddress"] + " (" + n["NodeID"][:8] + ")": _probe.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False), **storage.worker_env(config.storage)

@@ -18,7 +18,6 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -28,7 +27,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from illada import storage
+from illada import layout, storage
 from illada.config import Config, ConfigError, TrainConfig
 from illada.model.build import build_model, layer_spec, transformer_config
 from illada.model.config import ModelConfig
@@ -57,7 +56,7 @@ class Batch:
 
 
 def data_manifest(train: TrainConfig) -> dict:
-    url = storage.join(train.data_root, "pack", "manifest.json")
+    url = layout.manifest_url(train.data_root, "pack")
     if not storage.exists(url):
         raise ConfigError(f"no pack manifest at {url}: run the data pipeline first (illada pipeline run CONFIG), or set train.data_root to a completed run")
     return storage.read_json(url)

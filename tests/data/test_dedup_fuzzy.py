@@ -4,14 +4,12 @@ the real pipeline, deterministic keeping of the earliest document, and an S3 roo
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from illada import storage
-from illada.data import dedup_fuzzy
 from illada.data.dedup_fuzzy import EDGE_SCHEMA, both_directions, connected_components, minhash_config, write_partitioned
 from illada.data.documents import read_table
 from illada.pipeline.runner import run_pipeline

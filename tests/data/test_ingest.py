@@ -206,3 +206,12 @@ def test_missing_input_path_names_the_source(tmp_path):
     source = SourceConfig(name="gone", paths=[str(tmp_path / "nope.jsonl")], weight=1)
     with pytest.raises(FileNotFoundError, match="source 'gone': nothing at"):
         expand_paths(source)
+
+
+def test_an_empty_directory_names_the_source(tmp_path):
+    (tmp_path / "raw").mkdir()
+    source = SourceConfig(name="web", paths=[str(tmp_path / "raw")], weight=1)
+    with pytest.raises(FileNotFoundError, match="source 'web': the directory .*raw' holds no files"):
+        expand_paths(source)
+    write_jsonl(tmp_path / "raw" / "a" / "one.jsonl", [{"text": "one"}])
+    assert expand_paths(source) == [str(tmp_path / "raw" / "a" / "one.jsonl")]

@@ -56,6 +56,7 @@ def llada_config(variant: str, **changes) -> dict:
         "include_bias": False,
         "rope": True,
         "init_fn": "normal",  # not the template's: shows an export kept the imported config.json
+        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM"},  # as released: code beside it
         "mask_token_id": MASK,
         "eos_token_id": EOT,
         "pad_token_id": EOT,
@@ -263,7 +264,13 @@ def test_export_round_trips_bit_exactly_at_every_layout(imported):
     from_tp2pp2 = read_safetensors(export(imported["tp2pp2"], tmp / "export-tp2pp2"))
     assert all(torch.equal(from_tp2pp2[n], t) for n, t in exported_tensors.items())
     config = json.loads((exported / "config.json").read_text())
-    assert {k: config[k] for k in imported["config"]} == imported["config"] and config["torch_dtype"] == "float32"
+    kept = {k: v for k, v in imported["config"].items() if k != "auto_map"}
+    assert {k: config[k] for k in kept} == kept and config["torch_dtype"] == "float32"
+    # The released code is not copied, so the export names where trust_remote_code finds it.
+    assert config["auto_map"] == {
+        "AutoConfig": "GSAI-ML/LLaDA-8B-Base--configuration_llada.LLaDAConfig",
+        "AutoModel": "GSAI-ML/LLaDA-8B-Base--modeling_llada.LLaDAModelLM",
+    }
     assert Tokenizer.from_file(str(exported / "tokenizer.json")).token_to_id("<|mdm_mask|>") == MASK
     # import -> export -> import: the second import exports the same bits again.
     again = read_safetensors(export(import_at(exported, tmp / "reimported"), tmp / "export-again"))
@@ -472,3 +479,15 @@ def test_init_from_refuses_weights_of_another_shape():
     check_same_shape(llada, {**llada, "max_seq_len": 8192}, "ckpt")  # positions are not weights
     with pytest.raises(ConfigError, match=r"holds a model with num_query_groups=8 \(model.num_query_groups is 32\), .*tie_word_embeddings=True"):
         check_same_shape(llada, illada_8b, "ckpt")
+
+
+def test_a_checkpoint_never_imported_exports_llada_s_config_pointing_at_its_public_code():
+    from illada.hf.convert import hf_config, model_config
+    from illada.model.config import ModelConfig
+
+    cfg = ModelConfig(preset="tiny", vocab_size=512)
+    config = hf_config(cfg, {"mask": 5, "eot": 1, "pad": 1}, torch.bfloat16)
+    assert model_config(config).model_dump(exclude={"preset"}) == cfg.model_dump(exclude={"preset"})  # the whole shape
+    assert config["architectures"] == ["LLaDAModelLM"] and config["torch_dtype"] == "bfloat16"
+    assert (config["mask_token_id"], config["eos_token_id"]) == (5, 1)
+    assert all(ref.startswith("GSAI-ML/LLaDA-8B-Base--") for ref in config["auto_map"].values())

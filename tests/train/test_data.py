@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from illada.data.shards import ROWS_PER_BATCH, ShardWriter, read_sequences
+from illada.data.shards import ROWS_PER_BATCH, ShardWriter
 from illada.train.data import BlendedSchedule, PackedData, Permutation
 
 SEQ = 8
