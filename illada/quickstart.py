@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sysconfig
 from pathlib import Path
@@ -38,12 +39,14 @@ def config_argument() -> str:
     return str(local) if local.is_file() and local.resolve() == CONFIG.resolve() else str(CONFIG)
 
 
-def next_steps(config) -> dict[str, str]:
-    """The commands the quickstart suggests, as a user would paste them."""
+def next_steps(config, overrides: list[str] = ()) -> dict[str, str]:
+    """The commands the quickstart suggests, as a user would paste them: its own overrides
+    repeated, so they name the config that made the root."""
     config_arg = config_argument()
+    given = "".join(f" {shlex.quote(o)}" for o in overrides if not o.startswith("train.steps="))
     return {
-        "rerun": f"illada pipeline run {config_arg} --root {config.root} --stage pack",
-        "train": f"illada train {config_arg} --root {config.root} train.steps={2 * config.train.steps}",
+        "rerun": f"illada pipeline run {config_arg} --root {config.root} --stage pack{given}",
+        "train": f"illada train {config_arg} --root {config.root}{given} train.steps={2 * config.train.steps}",
     }
 
 
@@ -60,7 +63,7 @@ def quickstart(root: str, overrides: list[str], num_cpus: int | None = None) -> 
     print(f"== data pipeline -> {config.root}")
     manifests = run_pipeline(config, PRETRAIN)
     print_summary(manifests)
-    hints = next_steps(config)
+    hints = next_steps(config, overrides)
     print(f"\nre-run one stage:   {hints['rerun']}")
 
     print(f"\n== pre-training the tiny model ({config.train.steps} steps) -> {config.root}/checkpoints")

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -177,6 +178,14 @@ def test_a_nan_loss_fails_the_mlflow_run_and_sigterm_kills_it(tmp_path, train_da
     stopped = write_config(tmp_path / "term", train_data_root, steps=4)
     assert run_distributed(_train_until, 1, stopped, 1, timeout=300) == ["Terminated"]
     assert run_status(stopped) == "KILLED"
+
+
+def test_training_and_its_saves_show_progress_with_eta(trained):
+    """On rank 0: a bar over the steps with ETA, loss and tokens/s; one over the bytes each
+    save hashes. (Outside a terminal tqdm redraws every 30 s, so the log has the last state.)"""
+    log = (trained.parent / "base.log").read_text()
+    assert re.search(r"train integrity-\w+: 100%\|.*\| 2/2 \[[\d:]+<[\d:]+, .*loss \d+\.\d+, [\d,]+ tokens/s\]", log), log[-3000:]
+    assert re.search(r"checksums of step_00000002: 100%", log), log[-3000:]
 
 
 def test_saves_leave_no_helper_process_behind(tmp_path, train_data_root):
