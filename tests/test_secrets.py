@@ -86,3 +86,15 @@ def test_submit_warns_about_secret_looking_env_names(tmp_path, tiny_config_facto
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert [m.split()[1] for m in warned] == ["AWS_SECRET_ACCESS_KEY", "HF_TOKEN"]
     assert all("looks like a credential" in m for m in warned)
+
+
+def test_ray_training_workers_get_s3_credentials_through_their_environment(tmp_path, tiny_config_factory, s3_server):
+    import pickle
+
+    from illada.train.ray_launch import worker_arguments
+
+    config = load_config(base=_with_secrets(tiny_config_factory.raw(str(tmp_path / "run"), str(tmp_path / "raw")), s3_server))
+    loop_config, runtime_env = worker_arguments(config, {"MLFLOW_RUN_ID": "r"})
+    assert KEY.encode() not in pickle.dumps(loop_config) and SECRET.encode() not in pickle.dumps(loop_config)
+    assert runtime_env == {"env_vars": {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}}
+    assert loop_config["config"].storage.s3.endpoint_url == s3_server and loop_config["env"] == {"MLFLOW_RUN_ID": "r"}

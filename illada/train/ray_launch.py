@@ -52,16 +52,24 @@ import ray
 # A developer API of Ray 2.60 (pinned): the hook that sees the controller restart the group.
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
-from illada import redaction
+from illada import redaction, storage
 from illada.config import Config
 from illada.train.preflight import LaunchError, Plan, checkpoint_dir, validate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LaunchError", "Outcome", "RecoveryLog", "describe_failure", "launch", "train_worker"]
+__all__ = ["LaunchError", "Outcome", "RecoveryLog", "describe_failure", "launch", "train_worker", "worker_arguments"]
 
 
 # --- the workers ----------------------------------------------------------------------------------
+
+
+def worker_arguments(config: Config, env: dict[str, str]) -> tuple[dict, dict]:
+    """What the training workers get: the config without the S3 credentials as their
+    argument (Ray Train keeps train_loop_config in its run state), and the credentials in
+    their environment, as the pipeline's tasks get them."""
+    loop_config = {"config": config.model_copy(update={"storage": storage.without_credentials(config.storage)}), "env": env}
+    return loop_config, storage.worker_env(config.storage).get("runtime_env", {})
 
 
 def train_worker(loop_config: dict) -> dict:
@@ -223,9 +231,10 @@ def launch(config: Config) -> Outcome:
         plan.workers, "GPU" if plan.use_gpu else "CPU", train.parallel.tensor, train.parallel.pipeline,
         plan.workers // (train.parallel.tensor * train.parallel.pipeline), checkpoints, run_id,
     )  # fmt: skip
+    loop_config, worker_env = worker_arguments(config, {"MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id})
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config, "env": {"MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id}},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=plan.workers, use_gpu=plan.use_gpu, resources_per_worker=plan.resources_per_worker, placement_strategy="PACK"
         ),
@@ -235,6 +244,7 @@ def launch(config: Config) -> Outcome:
             storage_path=os.path.join(checkpoints, ".ray_train"),
             failure_config=FailureConfig(max_failures=train.cluster.max_failures),
             callbacks=[RecoveryLog(uri, run_id, checkpoints, train.cluster.max_failures)],
+            worker_runtime_env=worker_env,
         ),
     )
     try:

@@ -236,6 +236,21 @@ def test_import_gives_llada_logits_and_generations(imported, layout):
     assert text == "beta document <|endoftext|>"
 
 
+def test_illada_generate_takes_an_import_as_it_is(imported):
+    """The command line on an import: the prompt encoded with the tokenizer the checkpoint
+    carries, LLaDA's own generation decoded the same (greedy, no repetition guard)."""
+    tokenizer = Tokenizer.from_file(str(imported["src"] / "tokenizer.json"))
+    text = "alpha beta document"
+    prompt = torch.tensor([tokenizer.encode(text, add_special_tokens=False).ids])
+    reference = llada_generate(lambda x: llada_forward(imported["weights"], imported["config"], x), prompt, steps=8, gen_length=8, block_length=4, mask_id=MASK)
+    answer = reference[0, prompt.shape[1] :].tolist()
+    answer = answer[: next((i for i, t in enumerate(answer) if t in (EOT, EOT_ID)), len(answer))]
+    cmd = [sys.executable, "-m", "illada.cli", "generate", imported["tp1"], "--prompt", text, "--gen-length", "8", "--steps", "8", "--block-length", "4", "--no-repetition-guard"]
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == text + tokenizer.decode(answer, skip_special_tokens=False)
+
+
 def test_checkpoint_is_complete_with_checksums_and_its_source(imported):
     from illada import storage
     from illada.layout import CHECKPOINT_MARKER as MARKER
