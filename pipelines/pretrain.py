@@ -27,6 +27,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     from ray.train.v2.api.exceptions import TrainingFailedError
 
+    from illada import redaction
     from illada.config import ConfigError
     from illada.jobs import load_job_config
     from illada.train.preflight import LaunchError
@@ -34,6 +35,7 @@ def main(argv: list[str]) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redaction.install()  # as the CLI does: no credential in the job's log
     logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
         config = load_job_config(args.config, args.overrides)
