@@ -1,6 +1,7 @@
 """The GPU check of issue 14, one script: training throughput (illada, plain eager, plain
-compiled, with peak memory and the profile's top kernels; then illada with torch's foreach
-AdamW, to show what the fused one buys) and the memory planner's prediction against
+compiled, and illada with the output layer at every position as before, with peak memory and
+the profile's top kernels; then illada with torch's foreach AdamW, to show what the fused
+one buys) and the memory planner's prediction against
 torch.cuda.max_memory_allocated() for two 1b layouts on one GPU.
 
 Runs on a plain PyTorch GPU box (Python 3.12, no Ray, Transformer Engine or Apex); start it
@@ -126,7 +127,7 @@ def planner_check(args) -> list[dict]:
 
 
 def throughput(args) -> dict:
-    """The three columns, then illada again with torch's foreach AdamW (megatron's default
+    """The three columns and illada with logits everywhere, then illada again with torch's foreach AdamW (megatron's default
     without TE/Apex before train.optim.torch_impl) to show what the fused kernel buys."""
     from train_throughput import SIDES, measure, parse_args
 
@@ -134,10 +135,10 @@ def throughput(args) -> dict:
     argv = ["--preset", preset, "--seq-len", str(seq_len), "--micro-batch", "2", "--steps", str(2 if args.dry_run else 10), "--warmup", str(1 if args.dry_run else 3)]
     if args.dry_run:
         argv += ["--device", "cpu", "--compile-backend", "eager"]
-    results = measure(parse_args(argv + (["--profile"] if args.profile else [])))
+    results = measure(parse_args(argv + ["--sides", "illada,eager,compiled,illada-all"] + (["--profile"] if args.profile else [])))
     print("\nillada with train.optim.torch_impl=foreach:")
-    foreach = measure(parse_args(argv + ["--sides", "illada", "train.optim.torch_impl=foreach"]))[SIDES[0]]
-    fused = results[SIDES[0]]
+    foreach = measure(parse_args(argv + ["--sides", "illada", "train.optim.torch_impl=foreach"]))[SIDES["illada"]]
+    fused = results[SIDES["illada"]]
     print(f"fused / foreach AdamW: {fused['tokens_per_s'] / foreach['tokens_per_s']:.2f}x tokens/s")
     results["illada, foreach AdamW"] = foreach
     return results

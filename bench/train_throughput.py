@@ -4,13 +4,15 @@
 The megatron side is the trainer's own code: `build` (GPTModel, megatron DDP, megatron's
 AdamW with fp32 main weights, WSD schedule; the config's switches, e.g. train.optim.
 torch_impl, apply), `micro_batches` (the masked-diffusion noise) and megatron's
-forward-backward schedule. The baselines are the same architecture written in plain
+forward-backward schedule; it computes the output layer and cross entropy only at masked
+positions. The side `illada-all` is the same with them at every position, as before. The baselines are the same architecture written in plain
 PyTorch (nn.Linear, torch SDPA, RMSNorm, SwiGLU, RoPE, tied embeddings) under bf16 autocast
 with fused AdamW, trained on the same objective: once eager, once `torch.compile`d.
 
     python bench/train_throughput.py --device cuda --preset 1b --seq-len 4096 --micro-batch 2
     python bench/train_throughput.py --device cpu --preset tiny --seq-len 256 --compile-backend eager  # a smoke run
     python bench/train_throughput.py ... train.optim.torch_impl=foreach   # illada config overrides
+    python bench/train_throughput.py --device cpu --preset 1b --model num_layers=2 --sides illada,illada-all
 
 Prints tokens/s, MFU (bidirectional attention FLOPs counted), peak GPU memory and final
 loss of each, and illada/eager, illada/compiled.
@@ -19,6 +21,7 @@ loss of each, and illada/eager, illada/compiled.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import platform
@@ -177,7 +180,7 @@ def bench_config(cfg: ModelConfig, micro_batch: int, overrides: list[str] = ()) 
     return load_config(None, list(overrides), base=base)
 
 
-def run_megatron(cfg: ModelConfig, inputs: list, args) -> tuple[float, list[float], float | None]:
+def run_megatron(cfg: ModelConfig, inputs: list, args, logits_everywhere: bool = False) -> tuple[float, list[float], float | None]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from illada.parallel import destroy_parallel, init_parallel
@@ -194,7 +197,7 @@ def run_megatron(cfg: ModelConfig, inputs: list, args) -> tuple[float, list[floa
         optimizer.zero_grad()
         model.zero_grad_buffer()
         losses = forward_backward(
-            forward_step_func=forward_step,
+            forward_step_func=functools.partial(forward_step, logits_everywhere=logits_everywhere),
             data_iterator=iter([Batch(clean.to(device), _to(noised, device))]),
             model=[model],
             num_microbatches=1,
@@ -212,41 +215,60 @@ def run_megatron(cfg: ModelConfig, inputs: list, args) -> tuple[float, list[floa
     return seconds, [float(x) for x in losses], peak
 
 
-SIDES = ("illada (megatron-core)", "plain PyTorch, eager", "plain PyTorch, compiled")
+SIDES = {
+    "illada": "illada (megatron-core)",
+    "eager": "plain PyTorch, eager",
+    "compiled": "plain PyTorch, compiled",
+    "illada-all": "illada, logits everywhere",
+}
+RUNS = {
+    "illada": run_megatron,
+    "eager": run_reference,
+    "compiled": functools.partial(run_reference, compiled=True),
+    "illada-all": functools.partial(run_megatron, logits_everywhere=True),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     p.add_argument("--preset", default="1b")
+    p.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE", help="a model field over the preset's (both sides), e.g. --model num_layers=2; repeatable")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled baseline (eager: a CPU smoke run)")
     p.add_argument("--profile", action="store_true", help="also print each side's top operators for one step")
-    p.add_argument("--sides", default="illada,eager,compiled", help="which sides to run, comma-separated (default: all three)")
+    p.add_argument("--sides", default="illada,eager,compiled", help=f"which sides to run, comma-separated, of {','.join(SIDES)} (default: the first three)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="illada config overrides for the megatron side, e.g. train.optim.torch_impl=foreach")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.sides.split(",")) - set(SIDES)
+    if unknown:
+        p.error(f"unknown side(s) {', '.join(sorted(unknown))}; choose from {', '.join(SIDES)}")
+    return args
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    fields = dict(item.split("=", 1) for item in args.model)
+    return ModelConfig.model_validate({"preset": args.preset, "max_seq_len": max(args.seq_len, 1), **fields})
 
 
 def measure(args: argparse.Namespace) -> dict[str, dict]:
     """Each side's tokens/s, MFU, peak memory and final loss; prints a table as it goes."""
-    cfg = ModelConfig(preset=args.preset, max_seq_len=max(args.seq_len, 1))
+    cfg = model_config(args)
     inputs = batches(cfg, args.warmup + args.steps, args.micro_batch, args.seq_len)
     tokens = args.steps * args.micro_batch * args.seq_len
     flops = flops_per_token(cfg, args.seq_len)
     peak = peak_flops() if args.device == "cuda" else None
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    print(f"{args.preset}: {num_parameters(cfg) / 1e9:.2f}B parameters, seq {args.seq_len}, micro-batch {args.micro_batch}, {args.steps} timed steps on {device_name}, torch {torch.__version__}")
+    shape = args.preset + "".join(f", {item}" for item in args.model)
+    print(f"{shape}: {num_parameters(cfg) / 1e9:.2f}B parameters, seq {args.seq_len}, micro-batch {args.micro_batch}, {args.steps} timed steps on {device_name}, torch {torch.__version__}")
     print(f"{'':<26}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'final loss':>12}")
-    runs = (run_megatron, run_reference, lambda c, i, a: run_reference(c, i, a, compiled=True))
-    wanted = args.sides.split(",")
     results = {}
-    for name, key, run in zip(SIDES, ("illada", "eager", "compiled"), runs):
-        if key not in wanted:
-            continue
-        seconds, losses, peak_bytes = run(cfg, inputs, args)
+    for key in args.sides.split(","):
+        name = SIDES[key]
+        seconds, losses, peak_bytes = RUNS[key](cfg, inputs, args)
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -257,9 +279,10 @@ def measure(args: argparse.Namespace) -> dict[str, dict]:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         mem = f"{peak_bytes / 2**30:.1f}" if peak_bytes else "-"
         print(f"{name:<26}{rate:>12,.0f}{mfu:>8}{mem:>10}{r['final_loss']:>12.3f}")
-    if len(results) == len(SIDES):
-        illada, eager, compiled = (results[n]["tokens_per_s"] for n in SIDES)
-        print(f"illada / eager: {illada / eager:.2f}x   illada / compiled: {illada / compiled:.2f}x")
+    rate = {key: results[SIDES[key]]["tokens_per_s"] for key in SIDES if SIDES[key] in results}
+    ratios = [f"illada / {key}: {rate['illada'] / rate[key]:.2f}x" for key in ("eager", "compiled", "illada-all") if "illada" in rate and key in rate]
+    if ratios:
+        print("   ".join(ratios))
     return results
 
 

@@ -49,8 +49,8 @@ def add_noise(tokens: torch.Tensor, mask_id: int, generator: torch.Generator | N
 
 
 def diffusion_loss(token_ce: torch.Tensor, noised: Noised) -> torch.Tensor:
-    """Pre-training loss from per-token cross-entropy [b, s] (computed against the clean
-    tokens at every position), divided by the real (non-pad) tokens."""
+    """Pre-training loss from per-token cross-entropy [b, s] against the clean tokens (read
+    only at masked positions), divided by the real (non-pad) tokens."""
     weights = noised.masked.to(token_ce.dtype) / noised.p[:, None].to(token_ce.dtype)
     tokens = token_ce.numel() if noised.valid is None else noised.valid.sum().clamp(min=1)
     return (token_ce * weights).sum() / tokens

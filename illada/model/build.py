@@ -4,6 +4,7 @@ Calling the model (what `forward_logits` and `per_token_loss` wrap):
 
     model(input_ids=tokens, position_ids=None, attention_mask=None)            # logits [b, s, v/tp]
     model(input_ids=tokens, position_ids=None, attention_mask=None, labels=y)  # CE [b, s], unshifted
+    model(..., labels=y, loss_mask=masked)  # CE [b, s] where masked, 0 elsewhere (cheaper)
 
 `attention_mask=None` with the no-mask spec is full bidirectional attention; RoPE needs no
 position ids. With labels the loss is the per-token cross entropy of position i against
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -122,6 +124,45 @@ def layer_spec(impl: str = "auto") -> ModuleSpec:
     return spec
 
 
+class DiffusionGPTModel(GPTModel):
+    """megatron's GPTModel whose loss, given a `loss_mask` [b, s], runs the output layer and
+    the cross entropy only at those positions and returns 0 elsewhere.
+
+    The masked-diffusion loss reads the cross entropy only where tokens were masked (about
+    half of them), and the output layer with its cross entropy is the widest matmul of the
+    model (vocab 155,136), so skipping the others saves that much of its cost and of its
+    logits' memory. Without `loss_mask` (or with multi-token prediction) it is GPTModel.
+    The state dict is GPTModel's, so checkpoints do not change."""
+
+    def _postprocess(self, **kwargs):
+        # GPTModel.forward passes every argument by keyword; loss_mask is otherwise read only
+        # by multi-token prediction.
+        labels, where = kwargs.get("labels"), kwargs.get("loss_mask")
+        if labels is None or where is None or not self.post_process or self.config.mtp_num_layers:
+            return super()._postprocess(**kwargs)
+        return self._loss_at(kwargs["hidden_states"], labels, where.bool())
+
+    def _loss_at(self, hidden: torch.Tensor, labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        sequence_parallel = self.output_layer.sequence_parallel
+        if sequence_parallel:
+            # Each TP rank holds a slice of the sequence: gather it whole (every rank has the
+            # same batch and masks) and run the output layer as without sequence parallelism,
+            # whose backward all-reduces the input gradient; so the gather's backward only
+            # takes this rank's slice.
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=self.pg_collection.tp)
+        where_sb = where.t()  # hidden states are [s, b, h]
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        self.output_layer.sequence_parallel = False
+        try:
+            logits, _ = self.output_layer(hidden[where_sb].unsqueeze(1), weight=weight)
+        finally:
+            self.output_layer.sequence_parallel = sequence_parallel
+        picked = self.compute_language_model_loss(labels.t()[where_sb].unsqueeze(0), logits)[0]
+        loss = picked.new_zeros(where_sb.shape)
+        loss[where_sb] = picked
+        return loss.t()
+
+
 def build_model(
     cfg: ModelConfig,
     tconfig: TransformerConfig,
@@ -136,7 +177,7 @@ def build_model(
     replaces the bidirectional spec (tests build a causal control with it)."""
     layers = layer_spec or bidirectional_layer_spec()
     block = TransformerBlockSubmodules(layer_specs=[layers] * get_num_layers_to_build(tconfig), layer_norm=RMSNorm)
-    model = GPTModel(
+    model = DiffusionGPTModel(
         config=tconfig,
         transformer_layer_spec=block,
         vocab_size=cfg.vocab_size,
@@ -157,6 +198,7 @@ def forward_logits(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
     return model(input_ids=tokens, position_ids=None, attention_mask=None, runtime_gather_output=True)
 
 
-def per_token_loss(model: GPTModel, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross entropy [b, s] of position i against labels[:, i]; no shift, no reduction."""
-    return model(input_ids=tokens, position_ids=None, attention_mask=None, labels=labels)
+def per_token_loss(model: GPTModel, tokens: torch.Tensor, labels: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross entropy [b, s] of position i against labels[:, i]; no shift, no reduction.
+    With `where` [b, s] only those positions are computed (the others are 0)."""
+    return model(input_ids=tokens, position_ids=None, attention_mask=None, labels=labels, loss_mask=where)

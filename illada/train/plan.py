@@ -38,7 +38,8 @@ input), so it saves next to nothing here; "mlp" the four SwiGLU tensors. The las
 adds the final norm's and the LM head's inputs and the logits: the bf16 [tokens, vocab/TP]
 logits plus the fp32 copy that megatron's vocab-parallel cross entropy works in (6 bytes
 per element), and the LM head's transient bf16 weight gradient before megatron adds it
-into the fp32 gradient buffer.
+into the fp32 gradient buffer. The logits are counted at every position: training computes
+them only where tokens are masked, but a micro-batch's mask rate runs up to 1.
 """
 
 from __future__ import annotations

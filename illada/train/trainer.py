@@ -205,9 +205,12 @@ def sft_micro_batches(samples: list[sft.Sample], train: TrainConfig, step: int, 
     return out
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, *, logits_everywhere: bool = False):
+    """One micro-batch's per-token cross entropy, computed only at its masked positions
+    (the loss reads no other); `logits_everywhere` computes all of them (the bench's control)."""
     batch = next(data_iterator)
-    token_ce = model(input_ids=batch.noised.tokens, position_ids=None, attention_mask=None, labels=batch.clean)
+    where = None if logits_everywhere else batch.noised.masked
+    token_ce = model(input_ids=batch.noised.tokens, position_ids=None, attention_mask=None, labels=batch.clean, loss_mask=where)
 
     def loss_func(output: torch.Tensor):
         if batch.answer_len is None:

@@ -241,6 +241,45 @@ def test_tensor_and_pipeline_parallel_compute_what_one_process_does(tp, pp, sp):
     torch.testing.assert_close(last_stage, reference_loss, rtol=1e-5, atol=1e-5)
 
 
+def _ce_and_grads_two_ways(rank: int, cfg: ModelConfig, tp: int, sp: bool, full: dict, where: torch.Tensor):
+    """Per-token CE and this rank's gradients of a weighted sum over `where`, computed once
+    at every position (megatron's own output layer and cross entropy) and once only at
+    `where` (DiffusionGPTModel)."""
+    from illada.model.build import per_token_loss
+    from illada.parallel import destroy_parallel
+
+    model = _build(cfg, tp, 1, sp)
+    _load_full_weights(model, full, cfg, tp, 1)
+    tokens = _tokens(cfg)
+    labels = torch.randint(0, cfg.vocab_size, tokens.shape, generator=torch.Generator().manual_seed(1))
+    scale = torch.linspace(0.5, 2.0, tokens.numel()).view_as(tokens)
+    out = []
+    for only in (None, where):
+        model.zero_grad(set_to_none=True)
+        ce = per_token_loss(model, tokens, labels, only)
+        (ce * where * scale).sum().backward()
+        out.append((ce.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    nothing = per_token_loss(model, tokens, labels, torch.zeros_like(where))
+    nothing.sum().backward()  # a micro-batch with no masked token still runs backward
+    destroy_parallel()
+    return out, nothing.detach()
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, True)], ids=["tp1", "tp2-sequence-parallel"])
+def test_cross_entropy_at_masked_positions_only_equals_megatrons_at_all_positions(tp, sp):
+    cfg = tiny()
+    [(_, full, _, _)] = run_distributed(_reference, 1, cfg)
+    where = torch.rand(BATCH, SEQ, generator=torch.Generator().manual_seed(2)) < 0.4
+    where[1] = False  # a row with nothing masked
+    for [(everywhere, grads), (only, only_grads)], nothing in run_distributed(_ce_and_grads_two_ways, tp, cfg, tp, sp, full, where):
+        assert nothing.shape == (BATCH, SEQ) and (nothing == 0).all()
+        torch.testing.assert_close(only, everywhere * where, rtol=1e-5, atol=1e-6)
+        assert (only[~where] == 0).all() and (only[where] > 0).all()
+        assert grads.keys() == only_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(only_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _fails(rank: int):
     if rank == 1:
         raise ValueError("rank one broke")
