@@ -1,8 +1,8 @@
 """The GPU check of issue 14, one script: training throughput (illada, plain eager, plain
-compiled, and illada with the output layer at every position as before, with peak memory and
-the profile's top kernels; then illada with torch's foreach AdamW, to show what the fused
-one buys) and the memory planner's prediction against
-torch.cuda.max_memory_allocated() for two 1b layouts on one GPU.
+compiled, illada with the output layer at every position as before and illada with its
+layers torch.compile'd, with peak memory and the profile's top kernels; then illada with
+torch's foreach AdamW, to show what the fused one buys) and the memory planner's prediction
+against torch.cuda.max_memory_allocated() for two 1b layouts on one GPU.
 
 Runs on a plain PyTorch GPU box (Python 3.12, no Ray, Transformer Engine or Apex); start it
 with bench/gpu_check.sh, which installs the few wheels such a box lacks. On a CPU machine
@@ -127,7 +127,7 @@ def planner_check(args) -> list[dict]:
 
 
 def throughput(args) -> dict:
-    """The three columns and illada with logits everywhere, then illada again with torch's foreach AdamW (megatron's default
+    """The three columns, illada with logits everywhere and illada with train.compile, then illada again with torch's foreach AdamW (megatron's default
     without TE/Apex before train.optim.torch_impl) to show what the fused kernel buys."""
     from train_throughput import SIDES, measure, parse_args
 
@@ -135,7 +135,7 @@ def throughput(args) -> dict:
     argv = ["--preset", preset, "--seq-len", str(seq_len), "--micro-batch", "2", "--steps", str(2 if args.dry_run else 10), "--warmup", str(1 if args.dry_run else 3)]
     if args.dry_run:
         argv += ["--device", "cpu", "--compile-backend", "eager"]
-    results = measure(parse_args(argv + ["--sides", "illada,eager,compiled,illada-all"] + (["--profile"] if args.profile else [])))
+    results = measure(parse_args(argv + ["--sides", "illada,eager,compiled,illada-all,illada-compiled"] + (["--profile"] if args.profile else [])))
     print("\nillada with train.optim.torch_impl=foreach:")
     foreach = measure(parse_args(argv + ["--sides", "illada", "train.optim.torch_impl=foreach"]))[SIDES["illada"]]
     fused = results[SIDES["illada"]]

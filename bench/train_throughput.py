@@ -5,9 +5,11 @@ The megatron side is the trainer's own code: `build` (GPTModel, megatron DDP, me
 AdamW with fp32 main weights, WSD schedule; the config's switches, e.g. train.optim.
 torch_impl, apply), `micro_batches` (the masked-diffusion noise) and megatron's
 forward-backward schedule; it computes the output layer and cross entropy only at masked
-positions. The side `illada-all` is the same with them at every position, as before. The baselines are the same architecture written in plain
-PyTorch (nn.Linear, torch SDPA, RMSNorm, SwiGLU, RoPE, tied embeddings) under bf16 autocast
-with fused AdamW, trained on the same objective: once eager, once `torch.compile`d.
+positions. The side `illada-all` is the same with them at every position, as before;
+`illada-compiled` is illada with `train.compile` (its layers under torch.compile). The
+baselines are the same architecture written in plain PyTorch (nn.Linear, torch SDPA,
+RMSNorm, SwiGLU, RoPE, tied embeddings) under bf16 autocast with fused AdamW, trained on the
+same objective: once eager, once `torch.compile`d.
 
     python bench/train_throughput.py --device cuda --preset 1b --seq-len 4096 --micro-batch 2
     python bench/train_throughput.py --device cpu --preset tiny --seq-len 256 --compile-backend eager  # a smoke run
@@ -15,7 +17,7 @@ with fused AdamW, trained on the same objective: once eager, once `torch.compile
     python bench/train_throughput.py --device cpu --preset 1b --model num_layers=2 --sides illada,illada-all
 
 Prints tokens/s, MFU (bidirectional attention FLOPs counted), peak GPU memory and final
-loss of each, and illada/eager, illada/compiled.
+loss of each, and the ratios between them (illada / eager, illada / compiled, ...).
 """
 
 from __future__ import annotations
@@ -180,13 +182,13 @@ def bench_config(cfg: ModelConfig, micro_batch: int, overrides: list[str] = ()) 
     return load_config(None, list(overrides), base=base)
 
 
-def run_megatron(cfg: ModelConfig, inputs: list, args, logits_everywhere: bool = False) -> tuple[float, list[float], float | None]:
+def run_megatron(cfg: ModelConfig, inputs: list, args, logits_everywhere: bool = False, compiled: bool = False) -> tuple[float, list[float], float | None]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from illada.parallel import destroy_parallel, init_parallel
     from illada.train.trainer import Batch, build, forward_step
 
-    config = bench_config(cfg, args.micro_batch, args.overrides)
+    config = bench_config(cfg, args.micro_batch, args.overrides + (["train.compile=true"] if compiled else []))
     init_parallel(1, 1)
     model, optimizer, scheduler, _ = build(config)
     forward_backward = get_forward_backward_func()
@@ -220,13 +222,16 @@ SIDES = {
     "eager": "plain PyTorch, eager",
     "compiled": "plain PyTorch, compiled",
     "illada-all": "illada, logits everywhere",
+    "illada-compiled": "illada, train.compile",
 }
 RUNS = {
     "illada": run_megatron,
     "eager": run_reference,
     "compiled": functools.partial(run_reference, compiled=True),
     "illada-all": functools.partial(run_megatron, logits_everywhere=True),
+    "illada-compiled": functools.partial(run_megatron, compiled=True),
 }
+RATIOS = (("illada", "eager"), ("illada", "compiled"), ("illada", "illada-all"), ("illada-compiled", "compiled"), ("illada-compiled", "illada"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -280,7 +285,7 @@ def measure(args: argparse.Namespace) -> dict[str, dict]:
         mem = f"{peak_bytes / 2**30:.1f}" if peak_bytes else "-"
         print(f"{name:<26}{rate:>12,.0f}{mfu:>8}{mem:>10}{r['final_loss']:>12.3f}")
     rate = {key: results[SIDES[key]]["tokens_per_s"] for key in SIDES if SIDES[key] in results}
-    ratios = [f"illada / {key}: {rate['illada'] / rate[key]:.2f}x" for key in ("eager", "compiled", "illada-all") if "illada" in rate and key in rate]
+    ratios = [f"{a} / {b}: {rate[a] / rate[b]:.2f}x" for a, b in RATIOS if a in rate and b in rate]
     if ratios:
         print("   ".join(ratios))
     return results

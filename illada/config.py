@@ -393,6 +393,11 @@ class TrainConfig(Strict):
         description="The layer implementation: auto picks Transformer Engine's when it is importable on a GPU machine, "
         "else megatron's local layers with torch SDPA. Both name the weights alike in checkpoints; loading across them is untested.",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each Transformer layer (megatron's local layers): fuses RMSNorm, RoPE, SwiGLU and residual adds; "
+        "the first step compiles (tens of seconds).",
+    )
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="GPU memory for the memory preflight when the device or the cluster's GPU type does not tell (e.g. A100 40 or 80 GB)."
     )

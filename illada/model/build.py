@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel import RowParallelLinear, gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -92,12 +92,25 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+class GroupedRowParallelLinear(RowParallelLinear):
+    """megatron's RowParallelLinear, passing its own tensor-parallel group to the matmul.
+    megatron-core 0.16 passes None there, which warns on rank 0 at every call and so breaks
+    a torch.compile'd layer's graph in two (the group only matters for sequence-parallel or
+    async all-reduce, both off on this path, so the maths does not change)."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 def bidirectional_layer_spec() -> ModuleSpec:
     """The local (megatron-core only) layer spec with the causal mask switched off and SDPA
     as the core attention."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.self_attention.submodules.linear_proj = GroupedRowParallelLinear
+    spec.submodules.mlp.submodules.linear_fc2 = GroupedRowParallelLinear
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
@@ -107,12 +120,18 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def resolve_impl(impl: str) -> str:
+    """train.transformer_impl with "auto" decided: TE's layers where TE is importable on a
+    GPU machine (NGC images), the local ones elsewhere."""
+    if impl == "auto":
+        return "transformer_engine" if transformer_engine_available() else "local"
+    return impl
+
+
 def layer_spec(impl: str = "auto") -> ModuleSpec:
     """The layer for train.transformer_impl: "local" (megatron's layers, torch SDPA and
-    RMSNorm), "transformer_engine" (TE's fused layers and attention), or "auto": TE's where
-    it is importable on a GPU machine (NGC images), the local one elsewhere."""
-    if impl == "auto":
-        impl = "transformer_engine" if transformer_engine_available() else "local"
+    RMSNorm), "transformer_engine" (TE's fused layers and attention), or "auto" (resolve_impl)."""
+    impl = resolve_impl(impl)
     if impl == "local":
         return bidirectional_layer_spec()
     if not transformer_engine_available():
@@ -191,6 +210,14 @@ def build_model(
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def compile_layers(model: GPTModel) -> None:
+    """torch.compile each Transformer layer in place (inductor): it fuses what runs between
+    the matmuls (RMSNorm, RoPE, SwiGLU, residual adds) and their backward. One graph per
+    layer shape, compiled on the first step; tensor-parallel collectives split it."""
+    for layer in model.decoder.layers:
+        layer.compile()
 
 
 def forward_logits(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from illada import layout, storage
 from illada.config import Config, ConfigError, TrainConfig
-from illada.model.build import build_model, layer_spec, transformer_config
+from illada.model.build import build_model, compile_layers, layer_spec, resolve_impl, transformer_config
 from illada.model.config import ModelConfig
 from illada.objective import Noised, add_noise, answer_length_loss, diffusion_loss, random_length
 from illada.parallel import init_parallel
@@ -67,6 +67,7 @@ def build(config: Config):
     train, model_cfg = config.train, config.model
     on_gpu = torch.cuda.is_available()
     check_device_support(train, on_gpu)
+    check_compile_support(train)
     bf16 = train.bf16 and on_gpu
     recompute = train.recompute
     tconfig = transformer_config(
@@ -88,6 +89,8 @@ def build(config: Config):
     )
     if on_gpu:
         model.cuda()
+    if train.compile:
+        compile_layers(model)
     model = DistributedDataParallel(tconfig, ddp_config(train), model)
     tconfig.finalize_model_grads_func = finalize_model_grads
     tconfig.no_sync_func = model.no_sync
@@ -124,6 +127,14 @@ def check_device_support(train: TrainConfig, on_gpu: bool) -> None:
         gpu_only.append("train.recompute.granularity")
     if gpu_only:
         raise ConfigError(f"{', '.join(gpu_only)}: needs a GPU (megatron runs it on CUDA tensors only); turn it off for CPU runs")
+
+
+def check_compile_support(train: TrainConfig) -> None:
+    if train.compile and resolve_impl(train.transformer_impl) != "local":
+        raise ConfigError(
+            "train.compile compiles megatron's local layers, but Transformer Engine's are in use (fused already): "
+            "set train.transformer_impl: local, or train.compile: false"
+        )
 
 
 def ddp_config(train: TrainConfig) -> DistributedDataParallelConfig:

@@ -280,6 +280,38 @@ def test_cross_entropy_at_masked_positions_only_equals_megatrons_at_all_position
             torch.testing.assert_close(only_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _ce_and_grads(rank: int, cfg: ModelConfig, full: dict, compiled: bool):
+    """Per-token CE at TP=2 with sequence parallelism and this rank's gradients of its sum,
+    with the layers torch.compile'd (inductor) or eager."""
+    from illada.model.build import compile_layers, per_token_loss
+    from illada.parallel import destroy_parallel
+
+    model = _build(cfg, 2, 1, sp=True)
+    _load_full_weights(model, full, cfg, 2, 1)
+    if compiled:
+        compile_layers(model)
+    tokens = _tokens(cfg)
+    ce = per_token_loss(model, tokens, tokens)
+    ce.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    destroy_parallel()
+    return ce.detach(), grads, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_layers_compute_what_eager_ones_do_under_tensor_and_sequence_parallelism():
+    """torch.compile across megatron's collectives (all-gather and reduce-scatter of the
+    sequence, all-reduce of the input gradient): same values and gradients."""
+    cfg = tiny()
+    [(_, full, _, _)] = run_distributed(_reference, 1, cfg)
+    eager = run_distributed(_ce_and_grads, 2, cfg, full, False)
+    compiled = run_distributed(_ce_and_grads, 2, cfg, full, True, timeout=600)
+    for (ce, grads, _), (compiled_ce, compiled_grads, graphs) in zip(eager, compiled):
+        assert graphs > 0
+        torch.testing.assert_close(compiled_ce, ce, rtol=1e-5, atol=1e-6)
+        for name in grads:
+            torch.testing.assert_close(compiled_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _fails(rank: int):
     if rank == 1:
         raise ValueError("rank one broke")

@@ -1,6 +1,7 @@
 """Each training switch of the config reaches the megatron object it sets: torch's AdamW
 implementation, the distributed optimizer and overlapped communication (DDP and optimizer
-configs), selective recomputation (TransformerConfig), the layer implementation (spec).
+configs), selective recomputation (TransformerConfig), the layer implementation (spec),
+torch.compile of the layers.
 Built for real on the CPU; the GPU-only switches are refused there in one line."""
 
 from __future__ import annotations
@@ -94,15 +95,16 @@ def test_the_layer_implementation_is_local_without_transformer_engine():
         layer_spec("transformer_engine")
 
 
-def _one_step_at_dp2(rank: int, overlap: bool) -> list[float]:
-    """One optimizer step at DP=2, each rank on its own batch; this rank's updated weights."""
+def _one_step_at_dp2(rank: int, train: dict) -> tuple[list[float], int]:
+    """One optimizer step at DP=2, each rank on its own batch: this rank's updated weights,
+    and how many times torch.compile broke a graph."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from illada.objective import add_noise
 
     init_parallel(1, 1)
     torch.manual_seed(0)
-    model, optimizer, _, _ = trainer.build(config(parallel={"overlap_grad_reduce": overlap}))
+    model, optimizer, _, _ = trainer.build(config(**train))
     g = torch.Generator().manual_seed(rank)
     clean = torch.randint(7, 4096, (2, 32), generator=g)
     batch = trainer.Batch(clean, add_noise(clean, 5, g))
@@ -114,7 +116,7 @@ def _one_step_at_dp2(rank: int, overlap: bool) -> list[float]:
     optimizer.step()
     weights = [float(p.detach().double().sum()) for p in model.parameters()]
     destroy_parallel()
-    return weights
+    return weights, sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
 def test_overlapped_gradient_reduce_gives_the_same_step_at_dp2():
@@ -122,8 +124,30 @@ def test_overlapped_gradient_reduce_gives_the_same_step_at_dp2():
     both ranks end with the weights of the plain all-reduce."""
     from tests.distributed import run_distributed
 
-    plain = run_distributed(_one_step_at_dp2, 2, False)
-    overlapped = run_distributed(_one_step_at_dp2, 2, True)
+    plain = [weights for weights, _ in run_distributed(_one_step_at_dp2, 2, {})]
+    overlapped = [weights for weights, _ in run_distributed(_one_step_at_dp2, 2, {"parallel": {"overlap_grad_reduce": True}})]
     assert plain[0] == pytest.approx(plain[1])  # the ranks agree: the gradients were reduced
     assert overlapped[0] == pytest.approx(plain[0], rel=1e-6)
     assert overlapped[1] == pytest.approx(plain[1], rel=1e-6)
+
+
+def test_compiled_layers_give_the_same_step_at_dp2_in_whole_graphs():
+    """train.compile: the trainer's step with inductor-compiled layers under megatron's DDP
+    (whose gradient hooks must still fire) ends with the eager step's weights, and no layer's
+    graph is broken (megatron's RowParallelLinear warned on rank 0 at every call, which did)."""
+    from tests.distributed import run_distributed
+
+    eager = [weights for weights, _ in run_distributed(_one_step_at_dp2, 2, {})]
+    compiled = run_distributed(_one_step_at_dp2, 2, {"compile": True}, timeout=600)
+    for rank in range(2):
+        weights, graph_breaks = compiled[rank]
+        assert weights == pytest.approx(eager[rank], rel=1e-5, abs=1e-5)  # inductor orders sums its own way
+        assert graph_breaks == 0
+
+
+def test_compile_is_refused_with_transformer_engine_layers(one_process):
+    trainer.check_compile_support(config(compile=True, transformer_impl="local").train)
+    with pytest.raises(ConfigError, match="train.compile compiles megatron's local layers"):
+        trainer.check_compile_support(config(compile=True, transformer_impl="transformer_engine").train)
+    model, _, _, _ = trainer.build(config(compile=True))
+    assert all(layer._compiled_call_impl is not None for layer in model.module.decoder.layers)
