@@ -398,6 +398,12 @@ class TrainConfig(Strict):
         description="torch.compile each Transformer layer (megatron's local layers): fuses RMSNorm, RoPE, SwiGLU and residual adds; "
         "the first step compiles (tens of seconds).",
     )
+    fp8: Literal["off", "e4m3", "hybrid"] = Field(
+        "off",
+        description="FP8 matmuls in Transformer Engine's layers (megatron's fp8 format: hybrid is e4m3 forward, e5m2 gradients); "
+        "needs TE on a GPU with FP8 (H100 and later).",
+    )
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = Field("delayed", description="TE's FP8 scaling recipe (mxfp8: Blackwell only).")
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="GPU memory for the memory preflight when the device or the cluster's GPU type does not tell (e.g. A100 40 or 80 GB)."
     )

@@ -41,9 +41,12 @@ def transformer_config(
     bf16: bool = False,
     sequence_parallel: bool = False,
     recompute_modules: list[str] | None = None,
+    fp8: str | None = None,
+    fp8_recipe: str = "delayed",
 ) -> TransformerConfig:
     """megatron's TransformerConfig for this shape; `recompute_modules` (e.g. ["core_attn",
-    "mlp"]) turns on selective activation recomputation of those modules."""
+    "mlp"]) turns on selective activation recomputation of those modules, `fp8` ("e4m3" or
+    "hybrid") FP8 matmuls in Transformer Engine's layers with that scaling recipe."""
     check_parallel_sizes(cfg, tp, pp)
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -79,6 +82,8 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         recompute_granularity="selective" if recompute_modules else None,
         recompute_modules=list(recompute_modules) if recompute_modules else None,
+        fp8=fp8,
+        fp8_recipe=fp8_recipe,
     )
 
 

@@ -67,7 +67,7 @@ def build(config: Config):
     train, model_cfg = config.train, config.model
     on_gpu = torch.cuda.is_available()
     check_device_support(train, on_gpu)
-    check_compile_support(train)
+    check_layer_support(train)
     bf16 = train.bf16 and on_gpu
     recompute = train.recompute
     tconfig = transformer_config(
@@ -78,6 +78,8 @@ def build(config: Config):
         bf16=bf16,
         sequence_parallel=train.parallel.sequence_parallel,
         recompute_modules=recompute.modules if recompute.granularity == "selective" else None,
+        fp8=None if train.fp8 == "off" else train.fp8,
+        fp8_recipe=train.fp8_recipe,
     )
     tconfig.variable_seq_lengths = train.parallel.pipeline > 1 and (train.random_length_fraction > 0 or train.objective == "sft")
     model = build_model(
@@ -129,11 +131,18 @@ def check_device_support(train: TrainConfig, on_gpu: bool) -> None:
         raise ConfigError(f"{', '.join(gpu_only)}: needs a GPU (megatron runs it on CUDA tensors only); turn it off for CPU runs")
 
 
-def check_compile_support(train: TrainConfig) -> None:
-    if train.compile and resolve_impl(train.transformer_impl) != "local":
+def check_layer_support(train: TrainConfig) -> None:
+    """train.compile is for megatron's local layers, train.fp8 for Transformer Engine's."""
+    impl = resolve_impl(train.transformer_impl)
+    if train.compile and impl != "local":
         raise ConfigError(
             "train.compile compiles megatron's local layers, but Transformer Engine's are in use (fused already): "
             "set train.transformer_impl: local, or train.compile: false"
+        )
+    if train.fp8 != "off" and impl != "transformer_engine":
+        raise ConfigError(
+            "train.fp8 needs Transformer Engine's layers, which are not in use here (they need a GPU node with transformer_engine, "
+            "e.g. the image in infra/docker, and train.transformer_impl auto or transformer_engine); set train.fp8: off"
         )
 
 

@@ -1,7 +1,7 @@
 """Each training switch of the config reaches the megatron object it sets: torch's AdamW
 implementation, the distributed optimizer and overlapped communication (DDP and optimizer
 configs), selective recomputation (TransformerConfig), the layer implementation (spec),
-torch.compile of the layers.
+torch.compile of the layers, FP8 (TransformerConfig; refused without TE's layers).
 Built for real on the CPU; the GPU-only switches are refused there in one line."""
 
 from __future__ import annotations
@@ -146,8 +146,22 @@ def test_compiled_layers_give_the_same_step_at_dp2_in_whole_graphs():
 
 
 def test_compile_is_refused_with_transformer_engine_layers(one_process):
-    trainer.check_compile_support(config(compile=True, transformer_impl="local").train)
+    trainer.check_layer_support(config(compile=True, transformer_impl="local").train)
     with pytest.raises(ConfigError, match="train.compile compiles megatron's local layers"):
-        trainer.check_compile_support(config(compile=True, transformer_impl="transformer_engine").train)
+        trainer.check_layer_support(config(compile=True, transformer_impl="transformer_engine").train)
     model, _, _, _ = trainer.build(config(compile=True))
     assert all(layer._compiled_call_impl is not None for layer in model.module.decoder.layers)
+
+
+def test_fp8_reaches_the_transformer_config_and_needs_transformer_engines_layers():
+    cfg = config(fp8="hybrid", fp8_recipe="tensorwise", transformer_impl="transformer_engine")
+    trainer.check_layer_support(cfg.train)
+    tconfig = transformer_config(cfg.model, fp8=cfg.train.fp8, fp8_recipe=cfg.train.fp8_recipe)
+    assert (tconfig.fp8, tconfig.fp8_recipe) == ("hybrid", "tensorwise")
+    assert transformer_config(cfg.model).fp8 is None
+    with pytest.raises(ConfigError, match="train.fp8 needs Transformer Engine's layers"):
+        trainer.check_layer_support(config(fp8="e4m3").train)  # auto: the local layers without TE
+    with pytest.raises(ConfigError, match="train.fp8 needs"):
+        trainer.build(config(fp8="e4m3"))
+    with pytest.raises(ValidationError, match="fp8"):
+        config(fp8="e5m2")
