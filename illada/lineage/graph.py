@@ -41,7 +41,7 @@ from illada.lineage.record import (
     short,
 )
 from illada.errors import UserError
-from illada.layout import CHECKPOINT_MARKER, STEP_DIR, checkpoint_info, complete_checkpoints, is_complete_checkpoint, resolve_checkpoint
+from illada.layout import CHECKPOINT_MARKER, STEP_DIR, CheckpointInfo, checkpoint_info, complete_checkpoints, is_complete_checkpoint, resolve_checkpoint
 from illada.tracking import tracking_uri_near
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -204,8 +204,8 @@ def pruned(path: str) -> bool:
     return any(os.path.basename(newer) > name for newer in complete_checkpoints(folder))
 
 
-def read_checkpoint_info(path: str) -> dict | None:
-    return checkpoint_info(path).to_dict() if is_complete_checkpoint(path) else None
+def read_checkpoint_info(path: str) -> CheckpointInfo | None:
+    return checkpoint_info(path) if is_complete_checkpoint(path) else None
 
 
 def read_json_if_exists(url: str) -> dict | None:
@@ -245,12 +245,11 @@ class Builder:
         node = self.lineage.add(Node(node_id, "checkpoint", f"checkpoint {os.path.basename(path)}"))
         node.detail["path"] = path
         params = record[2].params if record else {}
-        info = info or {}
-        tokens = info.get("tokens_per_source") or {k.removeprefix("tokens."): int(v) for k, v in params.items() if k.startswith("tokens.")}
+        tokens = (info and info.tokens_per_source) or {k.removeprefix("tokens."): int(v) for k, v in params.items() if k.startswith("tokens.")}
         node.facts = {
             "path": path,
-            "step": info.get("step", params.get("step")),
-            "digest": params.get("digest") or info.get("digest"),
+            "step": info.step if info else params.get("step"),
+            "digest": params.get("digest") or (info and info.digest),
             "tokens": sum(tokens.values()),
             "tokens per source": tokens,
         }
@@ -263,23 +262,23 @@ class Builder:
             node.facts["pruned"] = "removed by keep_last after a newer checkpoint was saved" + ("" if record else "; MLflow has no record of it")
         elif not info:
             node.problems.append("vanished: the checkpoint directory or its illada.json is gone" + ("" if record else ", and MLflow has no record of it"))
-        elif record and params.get("digest") and params["digest"] != info.get("digest"):
-            node.problems.append(f"changed: illada.json says digest {info.get('digest')}, MLflow recorded {params['digest']}")
+        elif record and params.get("digest") and params["digest"] != info.digest:
+            node.problems.append(f"changed: illada.json says digest {info.digest}, MLflow recorded {params['digest']}")
 
-        parent = params.get("parent") or info.get("parent") or None
+        parent = params.get("parent") or (info and info.parent) or None
         if parent:
             same_folder = os.path.dirname(os.path.abspath(parent)) == os.path.dirname(path)
             self.lineage.link(node_id, self.checkpoint(parent), "resumed from" if same_folder else "initialised from")
         if record:
             uri, client, model = record
             self.lineage.link(node_id, self.training_run(uri, client, model.source_run_id), "trained by")
-        elif info.get("data_root"):  # no MLflow record: the data it names, as it is now
-            pack_url = layout.manifest_url(info["data_root"], "pack")
+        elif info and info.data_root:  # no MLflow record: the data it names, as it is now
+            pack_url = layout.manifest_url(info.data_root, "pack")
             manifest = read_json_if_exists(pack_url)
             if manifest:
                 self.lineage.link(node_id, self.stage(pack_url, manifest["digest"], "pack"), "trained on")
-        if info.get("source"):  # imported from released weights (illada import hf)
-            self.lineage.link(node_id, self.released_model(info["source"]), "converted from")
+        if info and info.source:  # imported from released weights (illada import hf)
+            self.lineage.link(node_id, self.released_model(info.source), "converted from")
         return node_id
 
     def released_model(self, source: dict) -> str:

@@ -15,6 +15,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from illada import layout, storage
+from illada.layout import CheckpointInfo
 from illada.config import Config
 from illada.lineage.record import (
     CHECKPOINT_DIGEST,
@@ -80,10 +81,8 @@ class TrainingRecorder:
     def log_checkpoint(self, path: str) -> None:
         """Queue an external LoggedModel for a complete checkpoint. Its illada.json is read
         now: keep_last may remove the checkpoint before the record is written."""
-        from illada.layout import checkpoint_info
-
         path = os.path.abspath(path)
-        self._submit(f"checkpoint {path}", self._log_checkpoint, path, checkpoint_info(path).to_dict())
+        self._submit(f"checkpoint {path}", self._log_checkpoint, path, layout.checkpoint_info(path))
 
     def close(self) -> list[str]:
         """Wait for every record; returns the LoggedModel ids. A record that failed is
@@ -124,14 +123,14 @@ class TrainingRecorder:
             out.append(dataset_input(SHARDS_PREFIX + source, where, shard_set_digest(shards), TRAINING, self.redact))
         return out
 
-    def _log_checkpoint(self, path: str, info: dict) -> str:
+    def _log_checkpoint(self, path: str, info: CheckpointInfo) -> str:
         import mlflow
         from mlflow.entities import LoggedModelOutput
 
-        tokens = {name: int(n) for name, n in info["tokens_per_source"].items()}
-        params = {"uri": path, "step": info["step"], "digest": info["digest"], "parent": info["parent"] or "", "init_from": info["init_from"] or ""}
-        params |= {"data_root": info["data_root"], "tokens": sum(tokens.values())} | {f"tokens.{name}": n for name, n in tokens.items()}
-        tags = {KIND: "checkpoint", CHECKPOINT_URI: path, CHECKPOINT_DIGEST: info["digest"], PARENT: info["parent"] or "", **self.version}
+        tokens = {name: int(n) for name, n in info.tokens_per_source.items()}
+        params = {"uri": path, "step": info.step, "digest": info.digest, "parent": info.parent or "", "init_from": info.init_from or ""}
+        params |= {"data_root": info.data_root, "tokens": sum(tokens.values())} | {f"tokens.{name}": n for name, n in tokens.items()}
+        tags = {KIND: "checkpoint", CHECKPOINT_URI: path, CHECKPOINT_DIGEST: info.digest, PARENT: info.parent or "", **self.version}
         model = mlflow.create_external_model(
             name=f"{self.config.name}-{os.path.basename(path)}",
             source_run_id=self.run_id,
@@ -144,7 +143,7 @@ class TrainingRecorder:
         # every checkpoint trained on a shard set.
         pack = dataset(PACK_DATASET, self.redact(self.manifest_url), self.manifest["digest"])
         metrics = {f"tokens_seen/{name}": float(n) for name, n in tokens.items()} | {"tokens_seen": float(sum(tokens.values()))}
-        mlflow.log_metrics(metrics, step=info["step"], run_id=self.run_id, model_id=model.model_id, dataset=pack)
-        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, info["step"])])
+        mlflow.log_metrics(metrics, step=info.step, run_id=self.run_id, model_id=model.model_id, dataset=pack)
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, info.step)])
         log.info("checkpoint %s recorded as MLflow model %s", path, model.model_id)
         return model.model_id

@@ -113,19 +113,19 @@ def verify_checkpoint(path: str, recorded_digest: str | None, ancestor: bool = F
         return [Finding("checkpoint", path, PRUNED, "removed by train.checkpoint.keep_last after a newer checkpoint was saved beside it")]
     if info is None:
         return [Finding("checkpoint", path, VANISHED, f"no {CHECKPOINT_MARKER} at {path}")]
-    names = sorted(info["files"])
+    names = sorted(info.files)
     hashes = _hashes([os.path.join(path, n) for n in names])
     out, now = [], {}
     for name in names:
         sha = hashes[os.path.join(path, name)]
-        listed = info["files"][name]["sha256"]
+        listed = info.files[name]["sha256"]
         if sha is None:
             out.append(Finding("checkpoint file", os.path.join(path, name), VANISHED, "the file is gone"))
             continue
         now[name] = {"sha256": sha}
         if sha != listed:
             out.append(Finding("checkpoint file", os.path.join(path, name), CHANGED, f"sha256 {sha[:16]}, recorded {listed[:16]}"))
-    reference = recorded_digest or info["digest"]
+    reference = recorded_digest or info.digest
     digest = checkpoint_digest(now) if len(now) == len(names) else None
     if digest == reference:
         out.append(Finding("checkpoint", path, OK, f"{len(names)} files, checksum {reference[:16]}"))
