@@ -127,8 +127,9 @@ def planner_check(args) -> list[dict]:
 
 
 def throughput(args) -> dict:
-    """The three columns, illada with logits everywhere and illada with train.compile, then illada again with torch's foreach AdamW (megatron's default
-    without TE/Apex before train.optim.torch_impl) to show what the fused kernel buys."""
+    """The three columns, illada with logits everywhere and illada with train.compile, then
+    illada again with torch's foreach AdamW (megatron's default without TE/Apex before
+    train.optim.torch_impl) to show what the fused kernel buys."""
     from train_throughput import SIDES, measure, parse_args
 
     preset, seq_len = shape(args)

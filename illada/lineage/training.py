@@ -15,7 +15,6 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from illada import layout, storage
-from illada.layout import CheckpointInfo
 from illada.config import Config
 from illada.lineage.record import (
     CHECKPOINT_DIGEST,
@@ -123,7 +122,7 @@ class TrainingRecorder:
             out.append(dataset_input(SHARDS_PREFIX + source, where, shard_set_digest(shards), TRAINING, self.redact))
         return out
 
-    def _log_checkpoint(self, path: str, info: CheckpointInfo) -> str:
+    def _log_checkpoint(self, path: str, info: layout.CheckpointInfo) -> str:
         import mlflow
         from mlflow.entities import LoggedModelOutput
 

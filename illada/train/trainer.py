@@ -29,7 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from illada import layout, storage
 from illada.config import Config, ConfigError, TrainConfig
-from illada.model.build import build_model, compile_layers, layer_spec, resolve_impl, transformer_config
+from illada.model.build import build_model, compile_layers, layer_spec, per_token_loss, resolve_impl, transformer_config
 from illada.model.config import ModelConfig
 from illada.objective import Noised, add_noise, answer_length_loss, diffusion_loss, random_length
 from illada.parallel import init_parallel
@@ -230,7 +230,7 @@ def forward_step(data_iterator, model, *, logits_everywhere: bool = False):
     (the loss reads no other); `logits_everywhere` computes all of them (the bench's control)."""
     batch = next(data_iterator)
     where = None if logits_everywhere else batch.noised.masked
-    token_ce = model(input_ids=batch.noised.tokens, position_ids=None, attention_mask=None, labels=batch.clean, loss_mask=where)
+    token_ce = per_token_loss(model, batch.noised.tokens, batch.clean, where)
 
     def loss_func(output: torch.Tensor):
         if batch.answer_len is None:
