@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import uuid
 from pathlib import Path
 
@@ -223,3 +224,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_parallel_state_left_behind():
+    """Inference keeps this process's megatron groups for the next model it loads; a test
+    module that loaded one must not hand them to another module's init_parallel."""
+    yield
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        from illada.parallel import destroy_parallel
+
+        destroy_parallel()
