@@ -1,8 +1,10 @@
 """The GPU check of issue 14, one script: training throughput (illada, plain eager, plain
-compiled, illada with the output layer at every position as before and illada with its
-layers torch.compile'd, with peak memory and the profile's top kernels; then illada with
-torch's foreach AdamW, to show what the fused one buys) and the memory planner's prediction
-against torch.cuda.max_memory_allocated() for two 1b layouts on one GPU.
+compiled, illada with the output layer at every position as before, with megatron's cross
+entropy and with its layers torch.compile'd, with peak memory and the profile's top
+kernels; then illada with torch's foreach AdamW, to show what the fused one buys), the
+output layer + cross entropy alone (bench/cross_entropy.py: fused, megatron's, plain) and
+the memory planner's prediction against torch.cuda.max_memory_allocated() for two 1b
+layouts on one GPU.
 
 Runs on a plain PyTorch GPU box (Python 3.12, no Ray, Transformer Engine or Apex); start it
 with bench/gpu_check.sh, which installs the few wheels such a box lacks. On a CPU machine
@@ -99,7 +101,8 @@ def measure_layout(args) -> dict:
         pass  # the checkpoint path's gather (overlap_param_gather) runs
     measured = torch.cuda.max_memory_allocated() if on_gpu else None
     layout = planner.config_layout(train, dp=1)
-    predicted = planner.plan(config.model, layout, seq_len, train.global_batch_size, bf16=train.bf16 and on_gpu, fused_norm=on_gpu)
+    fused_ce = train.cross_entropy == "fused"
+    predicted = planner.plan(config.model, layout, seq_len, train.global_batch_size, bf16=train.bf16 and on_gpu, fused_norm=on_gpu, fused_cross_entropy=fused_ce)
     destroy_parallel()
     return {"layout": args.layout, "describe": layout.describe(), "predicted": predicted.peak, "measured": measured, "losses": losses}
 
@@ -136,13 +139,24 @@ def throughput(args) -> dict:
     argv = ["--preset", preset, "--seq-len", str(seq_len), "--micro-batch", "2", "--steps", str(2 if args.dry_run else 10), "--warmup", str(1 if args.dry_run else 3)]
     if args.dry_run:
         argv += ["--device", "cpu", "--compile-backend", "eager"]
-    results = measure(parse_args(argv + ["--sides", "illada,eager,compiled,illada-all,illada-compiled"] + (["--profile"] if args.profile else [])))
+    results = measure(parse_args(argv + ["--sides", "illada,eager,compiled,illada-all,illada-megatron-ce,illada-compiled"] + (["--profile"] if args.profile else [])))
     print("\nillada with train.optim.torch_impl=foreach:")
     foreach = measure(parse_args(argv + ["--sides", "illada", "train.optim.torch_impl=foreach"]))[SIDES["illada"]]
     fused = results[SIDES["illada"]]
     print(f"fused / foreach AdamW: {fused['tokens_per_s'] / foreach['tokens_per_s']:.2f}x tokens/s")
     results["illada, foreach AdamW"] = foreach
     return results
+
+
+def cross_entropy_check(args) -> str:
+    """bench/cross_entropy.py at the 1b preset, every position of a seq 4096 x 2 micro-batch."""
+    size = ["--device", "cpu", "--preset", "tiny", "--tokens", "64"] if args.dry_run else ["--device", "cuda", "--tokens", "8192"]
+    done = subprocess.run([sys.executable, str(HERE / "cross_entropy.py"), *size], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+        raise SystemExit("bench/cross_entropy.py failed")
+    print("\n" + done.stdout, end="")
+    return done.stdout
 
 
 def main() -> int:
@@ -162,7 +176,7 @@ def main() -> int:
     start = time.time()
     print(f"gpu_check {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, python {sys.version.split()[0]}, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU (dry run)'}")
-    results = {"throughput": throughput(args), "planner": planner_check(args)}
+    results = {"throughput": throughput(args), "cross_entropy": cross_entropy_check(args), "planner": planner_check(args)}
     out = os.environ.get("OUT")
     if out:
         Path(out, "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))

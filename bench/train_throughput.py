@@ -5,7 +5,9 @@ The megatron side is the trainer's own code: `build` (GPTModel, megatron DDP, me
 AdamW with fp32 main weights, WSD schedule; the config's switches, e.g. train.optim.
 torch_impl, apply), `micro_batches` (the masked-diffusion noise) and megatron's
 forward-backward schedule; it computes the output layer and cross entropy only at masked
-positions. The side `illada-all` is the same with them at every position, as before;
+positions, through the fused output layer + cross entropy (train.cross_entropy). The side
+`illada-all` is the same with them at every position, as before; `illada-megatron-ce` at
+the masked positions through megatron's output layer and cross entropy;
 `illada-compiled` is illada with `train.compile` (its layers under torch.compile). The
 baselines are the same architecture written in plain PyTorch (nn.Linear, torch SDPA,
 RMSNorm, SwiGLU, RoPE, tied embeddings) under bf16 autocast with fused AdamW, trained on the
@@ -182,13 +184,13 @@ def bench_config(cfg: ModelConfig, micro_batch: int, overrides: list[str] = ()) 
     return load_config(None, list(overrides), base=base)
 
 
-def run_megatron(cfg: ModelConfig, inputs: list, args, logits_everywhere: bool = False, compiled: bool = False) -> tuple[float, list[float], float | None]:
+def run_megatron(cfg: ModelConfig, inputs: list, args, logits_everywhere: bool = False, switches: tuple[str, ...] = ()) -> tuple[float, list[float], float | None]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from illada.parallel import destroy_parallel, init_parallel
     from illada.train.trainer import Batch, build, forward_step
 
-    config = bench_config(cfg, args.micro_batch, args.overrides + (["train.compile=true"] if compiled else []))
+    config = bench_config(cfg, args.micro_batch, args.overrides + list(switches))
     init_parallel(1, 1)
     model, optimizer, scheduler, _ = build(config)
     forward_backward = get_forward_backward_func()
@@ -223,15 +225,24 @@ SIDES = {
     "compiled": "plain PyTorch, compiled",
     "illada-all": "illada, logits everywhere",
     "illada-compiled": "illada, train.compile",
+    "illada-megatron-ce": "illada, megatron's CE",
 }
 RUNS = {
     "illada": run_megatron,
     "eager": run_reference,
     "compiled": functools.partial(run_reference, compiled=True),
     "illada-all": functools.partial(run_megatron, logits_everywhere=True),
-    "illada-compiled": functools.partial(run_megatron, compiled=True),
+    "illada-compiled": functools.partial(run_megatron, switches=("train.compile=true",)),
+    "illada-megatron-ce": functools.partial(run_megatron, switches=("train.cross_entropy=megatron",)),
 }
-RATIOS = (("illada", "eager"), ("illada", "compiled"), ("illada", "illada-all"), ("illada-compiled", "compiled"), ("illada-compiled", "illada"))
+RATIOS = (
+    ("illada", "eager"),
+    ("illada", "compiled"),
+    ("illada", "illada-all"),
+    ("illada", "illada-megatron-ce"),
+    ("illada-compiled", "compiled"),
+    ("illada-compiled", "illada"),
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

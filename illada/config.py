@@ -398,6 +398,12 @@ class TrainConfig(Strict):
         description="torch.compile each Transformer layer (megatron's local layers): fuses RMSNorm, RoPE, SwiGLU and residual adds; "
         "the first step compiles (tens of seconds).",
     )
+    cross_entropy: Literal["fused", "megatron"] = Field(
+        "fused",
+        description="The output layer and cross entropy at masked positions: fused keeps the logits in the model's dtype and "
+        "turns them into their gradient in place (2 bytes a logit in bf16); megatron uses its vocab-parallel cross entropy "
+        "(an fp32 copy: 6 bytes a logit at the peak).",
+    )
     fp8: Literal["off", "e4m3", "hybrid"] = Field(
         "off",
         description="FP8 matmuls in Transformer Engine's layers (megatron's fp8 format: hybrid is e4m3 forward, e5m2 gradients); "

@@ -23,3 +23,9 @@ def test_the_planner_check_trains_each_layout_and_predicts_its_peak():
         row = gpu_check.measure_layout(argparse.Namespace(dry_run=True, layout=layout, seq_len=64))
         assert row["measured"] is None  # no allocator to read on the CPU
         assert row["predicted"] > 0 and len(row["losses"]) == 3 and all(math.isfinite(x) for x in row["losses"])
+
+
+def test_the_cross_entropy_bench_runs_all_three_sides():
+    out = load_gpu_check().cross_entropy_check(argparse.Namespace(dry_run=True))
+    rows = {line.split()[0] for line in out.splitlines()[2:5]}
+    assert rows == {"fused", "megatron", "plain"} and "fused / megatron:" in out

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.tensor_parallel import RowParallelLinear, gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel import RowParallelLinear, copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from illada.errors import UserError
 from illada.model.attention import SDPAttention
 from illada.model.config import ModelConfig, check_parallel_sizes
+from illada.model.cross_entropy import linear_cross_entropy
 
 
 def transformer_config(
@@ -155,8 +156,13 @@ class DiffusionGPTModel(GPTModel):
     The masked-diffusion loss reads the cross entropy only where tokens were masked (about
     half of them), and the output layer with its cross entropy is the widest matmul of the
     model (vocab 155,136), so skipping the others saves that much of its cost and of its
-    logits' memory. Without `loss_mask` (or with multi-token prediction) it is GPTModel.
-    The state dict is GPTModel's, so checkpoints do not change."""
+    logits' memory. `cross_entropy` "fused" (the default) runs them as one function that
+    keeps the logits in the model's dtype (illada.model.cross_entropy); "megatron" runs
+    megatron's output layer and vocab-parallel cross entropy (an fp32 copy of the logits).
+    Without `loss_mask` (or with multi-token prediction) it is GPTModel. The state dict is
+    GPTModel's, so checkpoints do not change."""
+
+    cross_entropy = "fused"
 
     def _postprocess(self, **kwargs):
         # GPTModel.forward passes every argument by keyword; loss_mask is otherwise read only
@@ -167,24 +173,32 @@ class DiffusionGPTModel(GPTModel):
         return self._loss_at(kwargs["hidden_states"], labels, where.bool())
 
     def _loss_at(self, hidden: torch.Tensor, labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        sequence_parallel = self.output_layer.sequence_parallel
-        if sequence_parallel:
+        tp_group = self.pg_collection.tp
+        if self.output_layer.sequence_parallel:
             # Each TP rank holds a slice of the sequence: gather it whole (every rank has the
-            # same batch and masks) and run the output layer as without sequence parallelism,
-            # whose backward all-reduces the input gradient; so the gather's backward only
-            # takes this rank's slice.
-            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=self.pg_collection.tp)
+            # same batch and masks) and go on as without sequence parallelism, whose backward
+            # all-reduces the input gradient; so the gather's backward only takes this rank's slice.
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=tp_group)
         where_sb = where.t()  # hidden states are [s, b, h]
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        self.output_layer.sequence_parallel = False
-        try:
-            logits, _ = self.output_layer(hidden[where_sb].unsqueeze(1), weight=weight)
-        finally:
-            self.output_layer.sequence_parallel = sequence_parallel
-        picked = self.compute_language_model_loss(labels.t()[where_sb].unsqueeze(0), logits)[0]
+        picked_hidden, picked_labels = hidden[where_sb], labels.t()[where_sb]
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else self.output_layer.weight
+        if self.cross_entropy == "fused":
+            picked_hidden = copy_to_tensor_model_parallel_region(picked_hidden, group=tp_group)
+            picked = linear_cross_entropy(picked_hidden, weight, picked_labels, tp_group)
+        else:
+            picked = self._megatron_loss(picked_hidden, picked_labels, weight)
         loss = picked.new_zeros(where_sb.shape)
         loss[where_sb] = picked
         return loss.t()
+
+    def _megatron_loss(self, hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        sequence_parallel = self.output_layer.sequence_parallel
+        self.output_layer.sequence_parallel = False  # the input is already whole
+        try:
+            logits, _ = self.output_layer(hidden.unsqueeze(1), weight=weight)
+        finally:
+            self.output_layer.sequence_parallel = sequence_parallel
+        return self.compute_language_model_loss(labels.unsqueeze(0), logits)[0]
 
 
 def build_model(
@@ -194,11 +208,13 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     layer_spec: ModuleSpec | None = None,
+    cross_entropy: str = "fused",
 ) -> GPTModel:
     """This rank's part of the model: its TP shard of its PP stage's layers. `pre_process` /
     `post_process` say whether the stage holds the embedding / the final norm and LM head
     (parallel_state.is_pipeline_first_stage() / is_pipeline_last_stage()). `layer_spec`
-    replaces the bidirectional spec (tests build a causal control with it)."""
+    replaces the bidirectional spec (tests build a causal control with it); `cross_entropy`
+    picks the masked-position loss: "fused" (illada.model.cross_entropy) or "megatron"."""
     layers = layer_spec or bidirectional_layer_spec()
     block = TransformerBlockSubmodules(layer_specs=[layers] * get_num_layers_to_build(tconfig), layer_norm=RMSNorm)
     model = DiffusionGPTModel(
@@ -212,6 +228,7 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=cfg.rope_theta,
     )
+    model.cross_entropy = cross_entropy
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -35,11 +35,14 @@ input (h more per norm: `fused_norm=False`).
 Selective recomputation (megatron's recompute_modules) drops what the recomputed module
 alone keeps: "core_attn" only SDPA's log-sum-exp (its output stays: it is linear_proj's
 input), so it saves next to nothing here; "mlp" the four SwiGLU tensors. The last stage
-adds the final norm's and the LM head's inputs and the logits: the bf16 [tokens, vocab/TP]
-logits plus the fp32 copy that megatron's vocab-parallel cross entropy works in (6 bytes
-per element), and the LM head's transient bf16 weight gradient before megatron adds it
-into the fp32 gradient buffer. The logits are counted at every position: training computes
-them only where tokens are masked, but a micro-batch's mask rate runs up to 1.
+adds the final norm's and the LM head's inputs and the logits: with train.cross_entropy
+fused (illada.model.cross_entropy) the bf16 [tokens, vocab/TP] logits, which become their
+own gradient (2 bytes per element), and one fp32 chunk of FUSED_CE_CHUNK_ELEMENTS of
+scratch (transient, in the forward pass); with megatron's cross entropy the bf16 logits
+plus the fp32 copy it works in (6 bytes per element). Then the LM head's transient bf16
+weight gradient before megatron adds it into the fp32 gradient buffer. The logits are
+counted at every position: training computes them only where tokens are masked, but a
+micro-batch's mask rate runs up to 1.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ GiB = 1024**3
 RECOMPUTE_OPTIONS = ((), ("mlp",))  # what proposals try, cheapest first (core_attn saves next to nothing)
 RECOMPUTE_SHOWN = ((), ("core_attn",), ("mlp",), ("core_attn", "mlp"))
 MICRO_BATCHES = (1, 2, 4, 8, 16)
+FUSED_CE_CHUNK_ELEMENTS = 2**26  # illada.model.cross_entropy.FP32_CHUNK_ELEMENTS (this module imports no torch)
 
 
 @dataclass(frozen=True)
@@ -187,15 +191,25 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, seq_len: int, act
     return tokens * (outside / (tp if layout.sequence_parallel else 1) + inside / tp) + rope_tables
 
 
-def last_stage_bytes(model: ModelConfig, layout: Layout, seq_len: int, act_bytes: int = 2, fused_norm: bool = True) -> float:
-    """The final norm's and LM head's inputs and the logits (bf16 and megatron cross entropy's fp32 copy)."""
+def last_stage_bytes(model: ModelConfig, layout: Layout, seq_len: int, act_bytes: int = 2, fused_norm: bool = True, fused_cross_entropy: bool = True) -> float:
+    """The final norm's and LM head's inputs and the logits (see the module docstring)."""
     tokens = seq_len * layout.micro_batch
     head_inputs = ((2 if fused_norm else 3) * model.hidden_size * act_bytes + 4) / (layout.tp if layout.sequence_parallel else 1)
-    logits = model.vocab_size / layout.tp * (act_bytes + 4 if act_bytes < 4 else 4)
-    return tokens * (head_inputs + logits)
+    logit_bytes = act_bytes if fused_cross_entropy or act_bytes == 4 else act_bytes + 4
+    return tokens * (head_inputs + model.vocab_size / layout.tp * logit_bytes)
 
 
-def plan(model: ModelConfig, layout: Layout, seq_len: int, global_batch: int, bf16: bool = True, fused_norm: bool = True) -> MemoryPlan:
+def head_transient_bytes(model: ModelConfig, layout: Layout, seq_len: int, act_bytes: int = 2, fused_cross_entropy: bool = True) -> float:
+    """The larger of what lives only for a moment on the last stage: the fused cross
+    entropy's fp32 scratch (forward) or the LM head's bf16 weight gradient (backward),
+    before megatron adds it into the fp32 gradient buffer."""
+    head_grad = model.vocab_size * model.hidden_size / layout.tp * act_bytes
+    if not fused_cross_entropy:
+        return head_grad
+    return max(head_grad, 4 * min(seq_len * layout.micro_batch * model.vocab_size / layout.tp, FUSED_CE_CHUNK_ELEMENTS))
+
+
+def plan(model: ModelConfig, layout: Layout, seq_len: int, global_batch: int, bf16: bool = True, fused_norm: bool = True, fused_cross_entropy: bool = True) -> MemoryPlan:
     """Memory on the first and last pipeline stage's GPUs (one stage when PP=1)."""
     act_bytes = 2 if bf16 else 4
     weight_b, grad_b, optim_b = state_bytes_per_parameter(bf16, layout.distributed_optimizer, layout.dp)
@@ -203,7 +217,6 @@ def plan(model: ModelConfig, layout: Layout, seq_len: int, global_batch: int, bf
     per_layer = layer_activation_bytes(model, layout, seq_len, act_bytes, fused_norm)
     layers = model.num_layers // layout.pp
     stage_output = seq_len * layout.micro_batch * model.hidden_size * act_bytes / (layout.tp if layout.sequence_parallel else 1)
-    head_grad = model.vocab_size * model.hidden_size / layout.tp * act_bytes  # autograd's, before megatron adds it into the fp32 buffer
     stages = []
     for name, first, last in (("only", True, True),) if layout.pp == 1 else (("first", True, False), ("last", False, True)):
         params = stage_parameters(model, layout.tp, layout.pp, first, last)
@@ -218,8 +231,8 @@ def plan(model: ModelConfig, layout: Layout, seq_len: int, global_batch: int, bf
                 optimizer=params * optim_b,
                 activations_per_micro_batch=activations,
                 in_flight=in_flight,
-                stage_extra=last_stage_bytes(model, layout, seq_len, act_bytes, fused_norm) if last else 0,
-                transient=head_grad,
+                stage_extra=last_stage_bytes(model, layout, seq_len, act_bytes, fused_norm, fused_cross_entropy) if last else 0,
+                transient=head_transient_bytes(model, layout, seq_len, act_bytes, fused_cross_entropy),
             )
         )
     return MemoryPlan(layout, seq_len, global_batch, tuple(stages))
@@ -254,11 +267,14 @@ def rank_key(layout: Layout) -> tuple:
     return (layout.tp * layout.pp, RECOMPUTE_OPTIONS.index(layout.recompute), -layout.micro_batch, layout.pp)
 
 
-def proposals(model: ModelConfig, gpus: int, gpu_bytes: float, seq_len: int, global_batch: int, *, bf16: bool = True, headroom: float = 0.1, gpus_per_node: int = 8) -> list[MemoryPlan]:
+def proposals(
+    model: ModelConfig, gpus: int, gpu_bytes: float, seq_len: int, global_batch: int, *, bf16: bool = True, fused_cross_entropy: bool = True, headroom: float = 0.1, gpus_per_node: int = 8
+) -> list[MemoryPlan]:
     """For each TP x PP that fits, its best layout (rank_key) whose busiest GPU fits in
     (1 - headroom) of its memory; best first."""
     usable = gpu_bytes * (1 - headroom)
-    plans = [plan(model, layout, seq_len, global_batch, bf16) for layout in candidate_layouts(model, gpus, global_batch, gpus_per_node)]
+    layouts = candidate_layouts(model, gpus, global_batch, gpus_per_node)
+    plans = [plan(model, layout, seq_len, global_batch, bf16, fused_cross_entropy=fused_cross_entropy) for layout in layouts]
     best: dict[tuple[int, int], MemoryPlan] = {}
     for p in sorted((p for p in plans if p.peak <= usable), key=lambda p: rank_key(p.layout)):
         best.setdefault((p.layout.tp, p.layout.pp), p)
@@ -294,14 +310,27 @@ def config_layout(train, dp: int) -> Layout:
     )
 
 
+def config_plan(config, layout: Layout, seq_len: int) -> MemoryPlan:
+    """plan() for this layout with the config's batch, precision and cross entropy."""
+    train = config.train
+    return plan(config.model, layout, seq_len, train.global_batch_size, train.bf16, fused_cross_entropy=train.cross_entropy == "fused")
+
+
+def config_proposals(config, gpus: int, gpu_bytes: float, seq_len: int, headroom: float = 0.1, gpus_per_node: int = 8) -> list[MemoryPlan]:
+    """proposals() with the config's model, batch, precision and cross entropy."""
+    train = config.train
+    fused = train.cross_entropy == "fused"
+    return proposals(config.model, gpus, gpu_bytes, seq_len, train.global_batch_size, bf16=train.bf16, fused_cross_entropy=fused, headroom=headroom, gpus_per_node=gpus_per_node)
+
+
 def check_fits(config, dp: int, seq_len: int, gpu_bytes: float, headroom: float = 0.1) -> MemoryPlan:
     """Raise a one-line ConfigError with the numbers (and the best layout that fits, if any)
     when the config's layout does not fit a GPU of gpu_bytes; with train.memory_check off,
     log it as a warning instead."""
     from illada.config import ConfigError
 
-    train, model = config.train, config.model
-    p = plan(model, config_layout(train, dp), seq_len, train.global_batch_size, train.bf16)
+    train = config.train
+    p = config_plan(config, config_layout(train, dp), seq_len)
     usable = gpu_bytes * (1 - headroom)
     if p.peak <= usable:
         return p
@@ -310,7 +339,7 @@ def check_fits(config, dp: int, seq_len: int, gpu_bytes: float, headroom: float 
         f"weights {_gib(s.weights)}, gradients {_gib(s.grads)}, optimizer {_gib(s.optimizer)}, "
         f"activations {_gib(s.activations_per_micro_batch)} x {s.in_flight} in flight, logits and head {_gib(s.stage_extra + s.transient)}"
     )
-    best = proposals(model, p.layout.gpus, gpu_bytes, seq_len, train.global_batch_size, bf16=train.bf16, headroom=headroom)
+    best = config_proposals(config, p.layout.gpus, gpu_bytes, seq_len, headroom)
     hint = f"; a layout that fits: {' '.join(best[0].layout.overrides())}" if best else "; no layout fits on this many GPUs: add GPUs or shorten the sequences"
     message = (
         f"the layout {p.layout.describe()} needs {_gib(p.peak)} on a GPU ({numbers}) but {_gib(usable)} of {_gib(gpu_bytes)} is usable{hint} "
@@ -401,7 +430,7 @@ def format_report(config, gpus: int, gpu_bytes: float, seq_len: int, headroom: f
     else:
         lines += _layout_table(config, gpus // (tp * pp), seq_len, usable)
     lines += ["", "layouts that fit, best first (fewest TP x PP ranks, then the least recomputation, then the largest micro-batch, then fewer stages):"]
-    best = proposals(model, gpus, gpu_bytes, seq_len, train.global_batch_size, bf16=train.bf16, headroom=headroom, gpus_per_node=gpus_per_node)
+    best = config_proposals(config, gpus, gpu_bytes, seq_len, headroom, gpus_per_node)
     if not best:
         lines.append("  none: add GPUs or shorten the sequences")
     else:
@@ -417,11 +446,11 @@ def format_report(config, gpus: int, gpu_bytes: float, seq_len: int, headroom: f
 
 
 def _layout_table(config, dp: int, seq_len: int, usable: float) -> list[str]:
-    train, model = config.train, config.model
+    train = config.train
     layout = config_layout(train, dp)
-    p = plan(model, layout, seq_len, train.global_batch_size, train.bf16)
-    dist = plan(model, replace(layout, distributed_optimizer=True), seq_len, train.global_batch_size, train.bf16)
-    recomputed = {r: plan(model, replace(layout, recompute=r), seq_len, train.global_batch_size, train.bf16) for r in RECOMPUTE_SHOWN}
+    p = config_plan(config, layout, seq_len)
+    dist = config_plan(config, replace(layout, distributed_optimizer=True), seq_len)
+    recomputed = {r: config_plan(config, replace(layout, recompute=r), seq_len) for r in RECOMPUTE_SHOWN}
     names = [s.stage for s in p.stages]
     header = "GPU" if names == ["only"] else "stage"
     out = [f"the config's layout: {layout.describe()}; {p.micro_batches} micro-batches per step per DP rank", f"  {'per GPU, GiB':<52}" + "".join(f"{(n if n != 'only' else header):>10}" for n in names)]
@@ -436,14 +465,14 @@ def _layout_table(config, dp: int, seq_len: int, usable: float) -> list[str]:
     row("parameters (millions)", [f"{s.parameters / 1e6:,.0f}" for s in p.stages])
     row(f"weights ({weight_b:g} B/param)", gib(s.weights for s in p.stages))
     row(f"gradients ({grad_b:g} B/param)", gib(s.grads for s in p.stages))
-    replicated = plan(model, replace(layout, distributed_optimizer=False), seq_len, train.global_batch_size, train.bf16)
+    replicated = config_plan(config, replace(layout, distributed_optimizer=False), seq_len)
     row(f"optimizer state, replicated ({12 if train.bf16 else 8} B/param)", gib(s.optimizer for s in replicated.stages))
     row(f"optimizer state, distributed optimizer (/DP={dp})", gib(s.optimizer for s in dist.stages))
     for r, rp in recomputed.items():
         row(f"activations per micro-batch, recompute {recompute_name(r)}", gib(s.activations_per_micro_batch for s in rp.stages))
     row("micro-batches in flight (1F1B)", [str(s.in_flight) for s in p.stages])
-    row("LM head inputs + logits (bf16 + fp32 CE)", gib(s.stage_extra for s in p.stages))
-    row("LM head's transient weight gradient", gib(s.transient for s in p.stages))
+    row(f"LM head inputs + logits ({train.cross_entropy} cross entropy)", gib(s.stage_extra for s in p.stages))
+    row("LM head's transient weight gradient or CE scratch", gib(s.transient for s in p.stages))
     row("total (as configured)", gib(s.total for s in p.stages))
     verdict = "fits" if p.peak <= usable else f"does NOT fit ({usable / GiB:.1f} GiB usable)"
     out.append(f"  peak {p.peak / GiB:.2f} GiB per GPU: {verdict}")

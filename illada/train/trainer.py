@@ -88,6 +88,7 @@ def build(config: Config):
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         layer_spec=layer_spec(train.transformer_impl),
+        cross_entropy=train.cross_entropy,
     )
     if on_gpu:
         model.cuda()

@@ -241,14 +241,15 @@ def test_tensor_and_pipeline_parallel_compute_what_one_process_does(tp, pp, sp):
     torch.testing.assert_close(last_stage, reference_loss, rtol=1e-5, atol=1e-5)
 
 
-def _ce_and_grads_two_ways(rank: int, cfg: ModelConfig, tp: int, sp: bool, full: dict, where: torch.Tensor):
+def _ce_and_grads_two_ways(rank: int, cfg: ModelConfig, tp: int, sp: bool, full: dict, where: torch.Tensor, cross_entropy: str):
     """Per-token CE and this rank's gradients of a weighted sum over `where`, computed once
     at every position (megatron's own output layer and cross entropy) and once only at
-    `where` (DiffusionGPTModel)."""
+    `where` (DiffusionGPTModel, with its `cross_entropy`)."""
     from illada.model.build import per_token_loss
     from illada.parallel import destroy_parallel
 
     model = _build(cfg, tp, 1, sp)
+    model.cross_entropy = cross_entropy
     _load_full_weights(model, full, cfg, tp, 1)
     tokens = _tokens(cfg)
     labels = torch.randint(0, cfg.vocab_size, tokens.shape, generator=torch.Generator().manual_seed(1))
@@ -265,13 +266,17 @@ def _ce_and_grads_two_ways(rank: int, cfg: ModelConfig, tp: int, sp: bool, full:
     return out, nothing.detach()
 
 
-@pytest.mark.parametrize("tp,sp", [(1, False), (2, True)], ids=["tp1", "tp2-sequence-parallel"])
-def test_cross_entropy_at_masked_positions_only_equals_megatrons_at_all_positions(tp, sp):
-    cfg = tiny()
+@pytest.mark.parametrize(
+    "tp,sp,cross_entropy,tied",
+    [(1, False, "fused", True), (2, True, "fused", True), (2, True, "fused", False), (1, False, "megatron", False)],
+    ids=["tp1-fused", "tp2-sequence-parallel-fused", "tp2-sequence-parallel-fused-untied", "tp1-megatron-untied"],
+)
+def test_cross_entropy_at_masked_positions_only_equals_megatrons_at_all_positions(tp, sp, cross_entropy, tied):
+    cfg = tiny(tie_word_embeddings=tied)
     [(_, full, _, _)] = run_distributed(_reference, 1, cfg)
     where = torch.rand(BATCH, SEQ, generator=torch.Generator().manual_seed(2)) < 0.4
     where[1] = False  # a row with nothing masked
-    for [(everywhere, grads), (only, only_grads)], nothing in run_distributed(_ce_and_grads_two_ways, tp, cfg, tp, sp, full, where):
+    for [(everywhere, grads), (only, only_grads)], nothing in run_distributed(_ce_and_grads_two_ways, tp, cfg, tp, sp, full, where, cross_entropy):
         assert nothing.shape == (BATCH, SEQ) and (nothing == 0).all()
         torch.testing.assert_close(only, everywhere * where, rtol=1e-5, atol=1e-6)
         assert (only[~where] == 0).all() and (only[where] > 0).all()

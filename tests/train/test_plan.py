@@ -52,9 +52,10 @@ SMALL = ModelConfig(preset="tiny", num_layers=2, hidden_size=128, num_attention_
 SEQ, BATCH = 256, 2
 
 
-def saved_activation_bytes(rank: int = 0, tp: int = 1, sequence_parallel: bool = False) -> int:
+def saved_activation_bytes(rank: int = 0, tp: int = 1, sequence_parallel: bool = False, fused: bool = False) -> int:
     """Bytes of every tensor (weights aside) autograd saves in one forward pass of megatron's
-    model, on this rank."""
+    model, on this rank: its own output layer and cross entropy at every position, or (fused)
+    training's fused cross entropy with every position masked."""
     import torch
 
     from illada.model.build import build_model, transformer_config
@@ -72,24 +73,35 @@ def saved_activation_bytes(rank: int = 0, tp: int = 1, sequence_parallel: bool =
 
         tokens = torch.randint(0, SMALL.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            model(input_ids=tokens, position_ids=None, attention_mask=None, labels=tokens)
+            everywhere = torch.ones_like(tokens, dtype=torch.bool) if fused else None
+            model(input_ids=tokens, position_ids=None, attention_mask=None, labels=tokens, loss_mask=everywhere)
     finally:
         destroy_parallel()
     return sum(n for ptr, n in saved.items() if ptr not in weights)
 
 
-def predicted_activation_bytes(layout) -> float:
-    stage = P.plan(SMALL, layout, SEQ, BATCH, bf16=False, fused_norm=False).stages[0]
+def predicted_activation_bytes(layout, fused: bool = False) -> float:
+    stage = P.plan(SMALL, layout, SEQ, BATCH, bf16=False, fused_norm=False, fused_cross_entropy=fused).stages[0]
     return stage.activations + stage.stage_extra
 
 
-def test_activations_count_what_autograd_saves_in_megatrons_model():
+@pytest.mark.parametrize("fused", [False, True], ids=["megatron-cross-entropy", "fused-cross-entropy"])
+def test_activations_count_what_autograd_saves_in_megatrons_model(fused):
     """The planner's activation and logits bytes for one micro-batch against the storage of
     every tensor autograd saves in a forward pass of the real model (CPU: fp32, composite
     RMSNorm). What the planner leaves out (token ids, the loss's [b, s] tensors) is tiny."""
-    measured = saved_activation_bytes()
-    predicted = predicted_activation_bytes(P.Layout(micro_batch=BATCH))
+    measured = saved_activation_bytes(fused=fused)
+    predicted = predicted_activation_bytes(P.Layout(micro_batch=BATCH), fused)
     assert abs(predicted - measured) / measured < 0.01, (predicted, measured)
+
+
+def test_bf16_logits_take_2_bytes_fused_and_6_with_megatrons_cross_entropy():
+    layout = P.Layout(tp=4, micro_batch=2, sequence_parallel=True)
+    fused, megatron = (P.last_stage_bytes(EIGHT_B, layout, 4096, fused_cross_entropy=f) for f in (True, False))
+    assert megatron - fused == 2 * 4096 * 155_136 / 4 * 4
+    # the fused scratch (an fp32 chunk of 2^26) is transient, as is the head's weight gradient
+    assert P.head_transient_bytes(EIGHT_B, P.Layout(tp=8), 4096) == 4 * 2**26 > P.head_transient_bytes(EIGHT_B, P.Layout(tp=8), 4096, fused_cross_entropy=False)
+    assert P.head_transient_bytes(EIGHT_B, P.Layout(tp=1), 4096) == 155_136 * 4096 * 2
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])
@@ -116,9 +128,9 @@ def test_proposals_fit_are_ranked_and_leave_out_what_cannot_fit():
     assert [P.rank_key(p.layout) for p in best] == sorted(P.rank_key(p.layout) for p in best)
     assert all(p.layout.gpus == 8 for p in best)
     # One GPU cannot hold the whole 8B at TP=PP=1: 2 + 4 bytes per parameter, a distributed
-    # optimizer's 12/8, and the fp32 + bf16 logits of 8192 x 155,136 already pass 72 GiB with
-    # any activations at all.
-    floor = 7_615_025_152 * (2 + 4 + 12 / 8) + 8192 * 155_136 * 6
+    # optimizer's 12/8, the bf16 logits of 8192 x 155,136 and the head's bf16 weight gradient
+    # leave less than 32 layers' activations of room below 72 GiB.
+    floor = 7_615_025_152 * (2 + 4 + 12 / 8) + 8192 * 155_136 * 2 + 155_136 * 4096 * 2
     assert floor < usable < floor + 32 * P.layer_activation_bytes(EIGHT_B, P.Layout(recompute=("mlp",)), 8192)
     assert (1, 1) not in {(p.layout.tp, p.layout.pp) for p in best}
 
