@@ -18,12 +18,13 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -38,6 +39,9 @@ from illada.train import sft
 from illada.train.data import PackedData, Sequences, stable_seed
 from illada.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from illada.train.validation import validation_micro_batches, validation_sequences
+
+if TYPE_CHECKING:
+    from illada.train.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -291,17 +295,36 @@ def validation_loss(model, forward_backward, batches: list[Batch], train: TrainC
     return global_mean_loss(losses)
 
 
-def train_loop(config: Config, on_step=None) -> TrainState:
-    """Run config.train.steps steps (from the latest checkpoint if one exists); return the state."""
+@dataclass
+class Run:
+    """What a training run works with, once set up (`start_run`)."""
+
+    config: Config
+    manifest: dict
+    mix: dict[str, float]
+    model: DistributedDataParallel
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    data: PackedData | sft.SFTData
+    state: TrainState
+    checkpointer: Checkpointer
+
+    @property
+    def seq_len(self) -> int:
+        return self.manifest["stats"]["seq_len"]
+
+
+def start_run(config: Config) -> Run:
+    """Process groups, checks, model, optimizer and data, resumed from the latest checkpoint if any."""
     from illada.train.checkpoint import Checkpointer
 
     config.require("model", "train")
-    train, model_cfg = config.train, config.model
+    train = config.train
     check_device_support(train, torch.cuda.is_available())
     init_parallel(train.parallel.tensor, train.parallel.pipeline, train.seed, timeout_s=train.collective_timeout_s)
     storage.configure(config.storage)
     manifest = data_manifest(train)
-    check_data_fits_model(manifest, model_cfg)
+    check_data_fits_model(manifest, config.model)
     sft.check_objective(manifest, train)
     mix = train.mix or manifest["stats"]["mix"]
     if train.objective == "sft":
@@ -314,60 +337,75 @@ def train_loop(config: Config, on_step=None) -> TrainState:
             f"x train.micro_batch_size ({train.micro_batch_size})"
         )
     check_memory(config, dp_size, manifest["stats"]["seq_len"])
-    model, optimizer, scheduler, tconfig = build(config)
+    model, optimizer, scheduler, _ = build(config)
     data = (sft.SFTData if train.objective == "sft" else PackedData)(manifest, train.data_root, mix, train.seed, parallel_state.get_data_parallel_rank(), dp_size)
-    state = TrainState(tokens_per_source=dict.fromkeys(data.schedule.names, 0))
-    checkpointer = Checkpointer(config)
-    if checkpointer.restore(model, optimizer, scheduler, data, state):
+    run = Run(config, manifest, mix, model, optimizer, scheduler, data, TrainState(tokens_per_source=dict.fromkeys(data.schedule.names, 0)), Checkpointer(config))
+    if run.checkpointer.restore(model, optimizer, scheduler, data, run.state):
         use_torch_adamw(optimizer, train.optim.torch_impl)  # the loaded param groups carry the saving run's flags
+    return run
 
-    seq_len = manifest["stats"]["seq_len"]
-    mask_id = manifest["stats"]["special_ids"]["mask"]
-    metrics = MetricsLogger(config, flops_per_token(model_cfg, seq_len), peak_flops(), data_manifest=manifest, mix=mix, parent=checkpointer.parent)
+
+def next_micro_batches(run: Run) -> tuple[list[Batch], dict[str, int]]:
+    """This rank's micro-batches for the next step and the tokens it read from each source."""
+    train, data, special_ids = run.config.train, run.data, run.manifest["stats"]["special_ids"]
+    if train.objective == "sft":
+        before = dict(data.tokens_seen)
+        batches = sft_micro_batches(data.next_batch(train.global_batch_size), train, run.state.step, special_ids, _device())
+        return batches, {n: data.tokens_seen[n] - before[n] for n in before}
+    return micro_batches(data.next_sequences(train.global_batch_size), train, run.state.step, special_ids["mask"], _device())
+
+
+def optimizer_step(run: Run, forward_backward, batches: list[Batch]) -> tuple[float, float]:
+    """Forward and backward over the micro-batches, then one optimizer and LR step; the loss
+    (mean over every micro-batch of every data-parallel rank) and the gradient norm."""
+    run.optimizer.zero_grad()
+    run.model.zero_grad_buffer()
+    losses = forward_backward(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[run.model],
+        num_microbatches=len(batches),
+        seq_length=max(b.clean.shape[1] for b in batches),
+        micro_batch_size=run.config.train.micro_batch_size,
+        forward_only=False,
+    )
+    _, grad_norm, _ = run.optimizer.step()
+    run.scheduler.step(increment=1)
+    run.state.step += 1
+    loss = global_mean_loss(losses)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {run.state.step}; lower optim.lr or check the data")
+    return loss, grad_norm
+
+
+def train_loop(config: Config, on_step=None) -> TrainState:
+    """Run config.train.steps steps (from the latest checkpoint if one exists); return the state."""
+    run = start_run(config)
+    config, train, state = run.config, run.config.train, run.state
+    step_tokens = train.global_batch_size * run.seq_len
+    metrics = MetricsLogger(config, flops_per_token(config.model, run.seq_len), peak_flops(), data_manifest=run.manifest, mix=run.mix, parent=run.checkpointer.parent)
     forward_backward = get_forward_backward_func()
-    val_batches = validation_batches(manifest, train)
+    val_batches = validation_batches(run.manifest, train)
     last_step = min(train.steps, state.step + (train.exit_after_steps or train.steps))
     bar = progress(last_step, f"train {config.name}", unit="step", initial=state.step, disable=dist.get_rank() != 0)
     with recorded(metrics), bar:  # the MLflow run ends FINISHED, FAILED or KILLED, never left RUNNING
         while state.step < last_step:
             start = time.perf_counter()
-            if train.objective == "sft":
-                before = dict(data.tokens_seen)
-                batches = sft_micro_batches(data.next_batch(train.global_batch_size), train, state.step, manifest["stats"]["special_ids"], _device())
-                local_tokens = {n: data.tokens_seen[n] - before[n] for n in before}
-            else:
-                batches, local_tokens = micro_batches(data.next_sequences(train.global_batch_size), train, state.step, mask_id, _device())
-            optimizer.zero_grad()
-            model.zero_grad_buffer()
-            losses = forward_backward(
-                forward_step_func=forward_step,
-                data_iterator=iter(batches),
-                model=[model],
-                num_microbatches=len(batches),
-                seq_length=max(b.clean.shape[1] for b in batches),
-                micro_batch_size=train.micro_batch_size,
-                forward_only=False,
-            )
-            _, grad_norm, _ = optimizer.step()
-            scheduler.step(increment=1)
-            state.step += 1
-            step_tokens = sum_over_data_parallel({n: local_tokens.get(n, 0) for n in data.schedule.names})
-            for n, v in step_tokens.items():
+            batches, local_tokens = next_micro_batches(run)
+            loss, grad_norm = optimizer_step(run, forward_backward, batches)
+            for n, v in sum_over_data_parallel({n: local_tokens.get(n, 0) for n in run.data.schedule.names}).items():
                 state.tokens_per_source[n] += v
-            loss = global_mean_loss(losses)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
             seconds = time.perf_counter() - start
-            metrics.log_step(state.step, loss, scheduler.get_lr(optimizer.param_groups[0]), grad_norm, train.global_batch_size * seq_len, seconds, state.tokens_per_source)
-            bar.set_postfix_str(f"loss {loss:.4f}, {train.global_batch_size * seq_len / seconds:,.0f} tokens/s", refresh=False)
+            metrics.log_step(state.step, loss, run.scheduler.get_lr(run.optimizer.param_groups[0]), grad_norm, step_tokens, seconds, state.tokens_per_source)
+            bar.set_postfix_str(f"loss {loss:.4f}, {step_tokens / seconds:,.0f} tokens/s", refresh=False)
             bar.update(1)
             if val_batches and state.step % train.eval_interval == 0:
-                metrics.log_validation(state.step, validation_loss(model, forward_backward, val_batches, train))
+                metrics.log_validation(state.step, validation_loss(run.model, forward_backward, val_batches, train))
             if on_step:
                 on_step(state.step, loss)
             if state.step % train.checkpoint.interval == 0 or state.step == last_step:
-                with weights_gathered(model):
-                    path = checkpointer.save(model, optimizer, scheduler, data, state)
+                with weights_gathered(run.model):
+                    path = run.checkpointer.save(run.model, run.optimizer, run.scheduler, run.data, state)
                 metrics.log_checkpoint(path)
     return state
 
