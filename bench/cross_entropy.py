@@ -15,6 +15,7 @@ gradient), with the ratios against megatron's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import time
 
@@ -60,10 +61,7 @@ def run(side, hidden, weight, labels, scale, reps: int) -> dict:
 
     def step(record: bool = False):
         hidden.grad = weight.grad = None
-        if record:
-            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-                loss = side(hidden, weight, labels)
-        else:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t) if record else contextlib.nullcontext():
             loss = side(hidden, weight, labels)
         (loss * scale).sum().backward()
         return loss.detach()

@@ -130,8 +130,8 @@ def planner_check(args) -> list[dict]:
 
 
 def throughput(args) -> dict:
-    """The three columns, illada with logits everywhere and illada with train.compile, then
-    illada again with torch's foreach AdamW (megatron's default without TE/Apex before
+    """The three columns, illada with logits everywhere, with megatron's cross entropy and
+    with train.compile, then illada again with torch's foreach AdamW (megatron's default without TE/Apex before
     train.optim.torch_impl) to show what the fused kernel buys."""
     from train_throughput import SIDES, measure, parse_args
 
